@@ -1,0 +1,101 @@
+"""The model artifact (DESIGN.md): one `save` and one `load` shared by the CLI, Tune, Serve and the UI.
+
+    weights.safetensors   the model's state dict (tensors only: loading never unpickles code)
+    config.json           architecture and preprocessing (an AAEConfig)
+    t2.json               latent mean, inverse covariance, n, p, alpha, threshold
+    metrics.json          round, val_auroc, test_auroc (null where a split has no labels), trial, ...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from aae_ray import __version__
+from aae_ray.config import validate
+from aae_ray.detector import Detector
+from aae_ray.scoring import Hotelling
+from aae_ray.train import build_model
+
+FILES = ("weights.safetensors", "config.json", "t2.json", "metrics.json")
+
+
+class ArtifactError(ValueError):
+    """A model folder that is missing files or does not match its own config."""
+
+
+def save(detector: Detector, folder: Path, metrics: dict[str, Any]) -> Path:
+    """Write the artifact into `folder` atomically (a sibling temp folder renamed into place)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in detector.model_.state_dict().items()}
+    safetensors.torch.save_file(state, tmp / "weights.safetensors")
+    _write_json(tmp / "config.json", detector.config.model_dump())
+    _write_json(tmp / "t2.json", detector.hotelling_.to_dict())
+    versions = {"aae_ray": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                "python": platform.python_version()}
+    _write_json(tmp / "metrics.json", {"versions": versions, **metrics})
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def load(folder: Path) -> Detector:
+    """Rebuild a fitted Detector from an artifact folder; scores match the saved model exactly."""
+    folder = Path(folder)
+    missing = [f for f in FILES if not (folder / f).exists()]
+    if missing:
+        raise ArtifactError(f"{folder} is not a model artifact: missing {', '.join(missing)}")
+    cfg = validate(_read_json(folder / "config.json"), where=str(folder / "config.json"))
+    t2 = _read_json(folder / "t2.json")
+    det = Detector(cfg)
+    det.model_ = build_model(cfg)
+    state = safetensors.torch.load_file(folder / "weights.safetensors")
+    try:
+        det.model_.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{folder}: weights do not match config.json: {str(exc)[:200]}") from None
+    det.model_.eval()
+    det.hotelling_ = Hotelling.from_dict(t2)
+    det.threshold_ = det.hotelling_.threshold
+    return det
+
+
+def read_metrics(folder: Path) -> dict[str, Any]:
+    return _read_json(Path(folder) / "metrics.json")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _jsonable(x: Any) -> Any:
+    """NaN -> null (JSON has no NaN), numpy scalars -> Python numbers."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

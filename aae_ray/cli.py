@@ -1,0 +1,78 @@
+"""`aae-ray`: the command line. It parses, calls library functions and prints; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from aae_ray import __version__
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line on stderr, exit 2 (argparse would add the usage)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="aae-ray", description="Visual inspection with few defects: AAE + Hotelling's T2.")
+    p.add_argument("--version", action="version", version=f"aae-ray {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    init = sub.add_parser("init", help="create a workspace (or add images to one)")
+    init.add_argument("workspace", type=Path)
+    init.add_argument("--source", required=True, choices=["synthetic", "fashion-mnist", "folder"])
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--n-normal", type=int, default=600, help="synthetic: number of normal images")
+    init.add_argument("--n-defect", type=int, default=60, help="synthetic: number of defect images")
+    init.add_argument("--size", type=int, default=128, choices=[32, 64, 128], help="synthetic: image side")
+    init.add_argument("--normal-class", type=int, help="fashion-mnist: the class (0-9) that is normal")
+    init.add_argument("--idx-dir", type=Path, help="fashion-mnist: folder with the IDX files")
+    init.add_argument("--pollution", type=float, default=0.0, help="fashion-mnist: unlabeled anomaly share")
+    init.add_argument("--labeled-anomaly-ratio", type=float, default=0.0, help="fashion-mnist: labeled share")
+    init.add_argument("--normal", type=Path, help="folder: images of good parts")
+    init.add_argument("--defect", type=Path, help="folder: images of confirmed defects")
+    init.add_argument("--unlabeled", type=Path, help="folder: images nobody has judged yet")
+
+    train = sub.add_parser("train", help="train one model (no Ray) as round 0 and promote it")
+    train.add_argument("workspace", type=Path)
+    train.add_argument("--config", type=Path, help="YAML file of AAEConfig fields")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
+
+    score = sub.add_parser("score", help="score the pool with the promoted model; write the queue")
+    score.add_argument("workspace", type=Path)
+    score.add_argument("--top", type=int, default=10, help="how many suspects to print")
+
+    status = sub.add_parser("status", help="rounds, metrics, labels, current model")
+    status.add_argument("workspace", type=Path)
+
+    demo = sub.add_parser("demo", help="the loop on synthetic solder joints: init, train, score, summary")
+    demo.add_argument("workspace", type=Path, nargs="?", default=Path("aae-demo"))
+    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from aae_ray import commands  # imported late: torch takes seconds and --help should not wait
+
+    try:
+        return getattr(commands, args.command)(args)
+    except KeyboardInterrupt:
+        print("aae-ray: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        if os.environ.get("AAE_RAY_DEBUG"):
+            raise
+        print(f"aae-ray: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The one model/training config, validated once at the edge (CLI, YAML, Tune trial, artifact)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the problem."""
+
+
+class AAEConfig(BaseModel):
+    """Everything the source research varied, plus how we train and threshold. Frozen: build a new one."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    family: Literal["aae", "ae"] = "aae"  # "ae": the plain autoencoder baseline on the same backbone
+    input_size: Literal[32, 64, 128] = 32  # 32x32 worked best for solder joints
+    conv_blocks: int = Field(3, ge=2, le=5)  # conv, norm, LeakyReLU, stride 2; 3 worked best
+    base_channels: int = Field(32, ge=4, le=128)  # channels of the first block, doubled per block
+    latent_dim: int = Field(16, ge=2, le=128)  # the research needed >= ~12
+    fc_units: int = Field(256, ge=0, le=4096)  # hidden FC layer between conv features and latent; 0 = none
+    disc_units: int = Field(256, ge=8, le=4096)  # width of the latent discriminator's two hidden layers
+    lr: float = Field(1e-3, gt=0, le=1e-1)  # reconstruction step (encoder + decoder)
+    lr_adv: float = Field(1e-3, gt=0, le=1e-1)  # discriminator and generator steps
+    adv_weight: float = Field(1.0, ge=0, le=100)
+    disc_steps: int = Field(2, ge=1, le=10)  # a stronger discriminator fits the prior better (ENVIRONMENT.md)
+    weight_decay: float = Field(0.0, ge=0, le=1e-1)
+    anomaly_ratio: float = Field(0.0, ge=0, lt=0.5)  # confirmed defects as a fraction of the training set
+    defect_loss: Literal["none", "push"] = "none"  # "push": drive labeled defects' T2 up (Deep SAD-style)
+    push_weight: float = Field(1.0, ge=0, le=100)
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=2, le=8192)
+    seed: int = 0
+    alpha: float = Field(0.01, gt=0, lt=0.5)  # false-alarm rate the T2 threshold is set for
+    calibration_fraction: float = Field(0.1, ge=0, lt=0.5)  # normals held out of training for the threshold
+    threshold: Literal["calibrated", "f_ucl"] = "calibrated"  # conformal on held-out normals, or the F limit
+    num_threads: int = Field(0, ge=0, le=256)  # torch CPU threads; 0 = leave torch's default
+
+    @model_validator(mode="after")
+    def _fits_input(self) -> AAEConfig:
+        if self.input_size >> self.conv_blocks < 1:
+            msg = f"conv_blocks={self.conv_blocks} halves input_size={self.input_size} below 1 pixel"
+            raise ValueError(msg)
+        return self
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None, **fixed: Any) -> AAEConfig:
+    """Defaults <- YAML file <- keyword fields <- `key=value` overrides, validated once."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(read_yaml_mapping(path))
+    values.update(fixed)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+    return validate(values, where=str(path) if path else "config")
+
+
+def validate(values: dict[str, Any], where: str = "config") -> AAEConfig:
+    try:
+        return AAEConfig(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        allowed = ", ".join(sorted(AAEConfig.model_fields)) if err["type"] == "extra_forbidden" else ""
+        hint = f" (known keys: {allowed})" if allowed else ""
+        raise ConfigError(f"{where}: {key}: {err['msg']}{hint}") from None
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data

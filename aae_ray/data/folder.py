@@ -1,0 +1,168 @@
+"""Import plain image folders: one of normal images, optionally one of defects and one of unlabeled images.
+
+Ids come from the file bytes and splits from the ids, so re-importing the same files (even moved or renamed)
+gives the same rows, and `merge_tables` keeps the import idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from aae_ray.data import DEFECT, NORMAL
+from aae_ray.data.images import ImageRecord, decode_image, stable_id
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Split shares by kind: defects are scarce, so most go to val/test where they make thresholds and reports
+# meaningful; the few in train are the labeled anomalies.
+_SHARES = {
+    "normal": (("train", 0.70), ("val", 0.15), ("test", 0.15)),
+    "defect": (("train", 0.30), ("val", 0.35), ("test", 0.35)),
+}
+_TRUTH = {"normal": NORMAL, "defect": DEFECT, "unlabeled": None}
+# PIL names the in-memory buffer in its errors; its address would make reasons differ between runs.
+_BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that was not imported, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class FolderImport:
+    """What `import_folders` found: the records to add, and the files it left out."""
+
+    records: list[ImageRecord]
+    skipped: list[Skipped]
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Files under `folder` in a fixed order, hidden files and folders (.git, .DS_Store) left out."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(root, n) for n in sorted(names) if not n.startswith(".")]
+    return files
+
+
+def split_fraction(image_id: str) -> float:
+    """A uniform number in [0, 1) from an id; salted so it does not just follow the id's sort order."""
+    h = stable_id("split", image_id)
+    return int(h, 16) / 16 ** len(h)
+
+
+def split_for(fraction: float, kind: str) -> str:
+    """The split a fraction falls in for `kind` ("normal", "defect" or "unlabeled")."""
+    if kind == "unlabeled":
+        return "pool"
+    if kind not in _SHARES:
+        raise ValueError(f"unknown kind {kind!r}; allowed: {[*_SHARES, 'unlabeled']}")
+    upper = 0.0
+    for split, share in _SHARES[kind]:
+        upper += share
+        if fraction < upper:
+            return split
+    return _SHARES[kind][-1][0]  # float rounding can leave the shares summing just under 1
+
+
+def defect_splits(ids: list[str]) -> list[str]:
+    """Splits for defect ids; with 2 or more defects at least one is in val.
+
+    When the hash puts none in val, the defect whose fraction lies nearest the val band moves there (ties by
+    id), which depends only on the set of ids, so it is reproducible.
+    """
+    splits = [split_for(split_fraction(i), "defect") for i in ids]
+    if len(ids) >= 2 and "val" not in splits:
+        lo = _SHARES["defect"][0][1]
+        hi = lo + _SHARES["defect"][1][1]
+        fractions = [split_fraction(i) for i in ids]
+        distance = [max(lo - f, f - hi, 0.0) for f in fractions]
+        nearest = min(range(len(ids)), key=lambda k: (distance[k], ids[k]))
+        splits[nearest] = "val"
+    return splits
+
+
+def _read(path: Path) -> tuple[bytes | None, str]:
+    """The file's bytes, or None and the reason it cannot be used."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, f"unreadable: {exc.strerror or exc}"
+    return (data, "") if data else (None, "empty file")
+
+
+def _decode(data: bytes) -> tuple[np.ndarray | None, str]:
+    """The pixels, or None and the reason the bytes are not a usable image."""
+    try:
+        pixels = decode_image(data)
+    except ValueError as exc:
+        return None, _BUFFER_REPR.sub("", str(exc))
+    except Exception as exc:  # mode conversion of exotic files raises other types; skip, don't stop
+        return None, _BUFFER_REPR.sub("", f"cannot decode image: {exc}")
+    if pixels.size == 0:
+        return None, f"zero-sized image {pixels.shape}"
+    return pixels, ""
+
+
+def import_folders(
+    *, normal: Path, defect: Path | None = None, unlabeled: Path | None = None
+) -> FolderImport:
+    """Import images from folders, walked recursively in sorted order.
+
+    Normal images get truth 0 and split train/val/test 70/15/15, defects truth 1 and 30/35/35, unlabeled
+    images truth None and split `pool`. Ids are `stable_id("folder", sha1 of the bytes)`; a file identical to
+    one already imported is skipped. Unreadable or undecodable files and non-image files are reported in
+    `skipped` and the import goes on.
+
+    Raises:
+        FileNotFoundError: a given folder does not exist.
+        ValueError: `normal` holds no readable image.
+    """
+    folders = {"normal": normal, "defect": defect, "unlabeled": unlabeled}
+    for kind, folder in folders.items():
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"{kind} folder {folder} does not exist or is not a folder")
+
+    found: list[tuple[str, str, ImageRecord]] = []  # (kind, id, record) before splits are set
+    skipped: list[Skipped] = []
+    first_path: dict[str, str] = {}  # id -> path it was imported from
+    for kind, folder in folders.items():
+        if folder is None:
+            continue
+        for path in _walk(Path(folder)):
+            source = os.path.abspath(path)
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append(Skipped(source, "not an image suffix"))
+                continue
+            data, why = _read(path)
+            if data is None:
+                skipped.append(Skipped(source, why))
+                continue
+            image_id = stable_id("folder", hashlib.sha1(data).hexdigest())
+            if image_id in first_path:
+                skipped.append(Skipped(source, f"duplicate of {first_path[image_id]}"))
+                continue
+            pixels, why = _decode(data)
+            if pixels is None:
+                skipped.append(Skipped(source, why))
+                continue
+            first_path[image_id] = source
+            found.append((kind, image_id, ImageRecord(image_id, pixels, source, "", _TRUTH[kind])))
+
+    if not any(kind == "normal" for kind, _, _ in found):
+        raise ValueError(f"no readable image ({', '.join(IMAGE_SUFFIXES)}) in normal folder {normal}")
+    defect_ids = [i for kind, i, _ in found if kind == "defect"]
+    split_of = dict(zip(defect_ids, defect_splits(defect_ids), strict=True))
+    records = [
+        replace(r, split=split_of.get(i) or split_for(split_fraction(i), kind)) for kind, i, r in found
+    ]
+    return FolderImport(records=records, skipped=skipped)

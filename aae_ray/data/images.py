@@ -1,0 +1,143 @@
+"""The image table (`WS/data/images.parquet`): one declared schema, PNG bytes, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from aae_ray.data import SPLITS
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("channels", pa.int32()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("truth", pa.int8()),  # nullable: 1 defect, 0 normal, null unknown
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image ready for the table. `pixels` is uint8, (H, W) gray or (H, W, 3) RGB."""
+
+    id: str
+    pixels: np.ndarray
+    source: str
+    split: str
+    truth: int | None
+
+
+def stable_id(*parts: str | bytes) -> str:
+    """A short id that depends only on its parts, so re-importing gives the same ids."""
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
+        msg = f"expected uint8 (H, W) or (H, W, C) pixels, got {pixels.dtype} {pixels.shape}"
+        raise ValueError(msg)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Bytes of any format PIL reads -> uint8 (H, W) gray or (H, W, 3) RGB. Raises ValueError if undecodable."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as exc:  # PIL raises many types for bad bytes
+        raise ValueError(f"cannot decode image: {exc}") from exc
+    return to_uint8(img)
+
+
+def to_uint8(img: Image.Image) -> np.ndarray:
+    """Normalise PIL modes (1, L, I;16, P, RGBA, CMYK, ...) to uint8 gray or RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        return scaled.round().astype(np.uint8)
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("L" if img.mode in ("1", "LA") else "RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def make_table(records: list[ImageRecord]) -> pa.Table:
+    """Records -> an Arrow table with SCHEMA. Ids must be unique and splits known."""
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError("duplicate image ids in one import")
+    bad = {r.split for r in records} - set(SPLITS)
+    if bad:
+        raise ValueError(f"unknown split(s) {sorted(bad)}; allowed: {list(SPLITS)}")
+    return pa.table(
+        {
+            "id": ids,
+            "image": [encode_png(r.pixels) for r in records],
+            "height": [r.pixels.shape[0] for r in records],
+            "width": [r.pixels.shape[1] for r in records],
+            "channels": [1 if r.pixels.ndim == 2 else r.pixels.shape[2] for r in records],
+            "source": [r.source for r in records],
+            "split": [r.split for r in records],
+            "truth": [r.truth for r in records],
+        },
+        schema=SCHEMA,
+    )
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    write_table_with(table, path, SCHEMA)
+
+
+def write_table_with(table: pa.Table, path: Path, schema: pa.Schema) -> None:
+    """Write atomically: a reader never sees half a file, a killed writer leaves the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table.cast(schema), tmp)
+    os.replace(tmp, path)
+
+
+def read_table(path: Path) -> pa.Table:
+    if not path.exists():
+        raise FileNotFoundError(f"no image table at {path}; run `aae-ray init` first")
+    table = pq.read_table(path)
+    if not table.schema.equals(SCHEMA, check_metadata=False):
+        raise ValueError(f"{path} does not have the image schema {SCHEMA.names}")
+    return table
+
+
+def merge_tables(old: pa.Table, new: pa.Table) -> pa.Table:
+    """Append rows whose id is not in `old` yet (idempotent re-import)."""
+    known = set(old.column("id").to_pylist())
+    keep = [i for i, id_ in enumerate(new.column("id").to_pylist()) if id_ not in known]
+    return pa.concat_tables([old, new.take(keep)])
+
+
+def to_model_input(images: list[bytes], size: int) -> np.ndarray:
+    """PNG/JPEG bytes -> float32 (N, 1, size, size) in [0, 1]: gray, resized with antialiasing."""
+    out = np.empty((len(images), 1, size, size), dtype=np.float32)
+    for i, data in enumerate(images):
+        pixels = decode_image(data)
+        img = Image.fromarray(pixels).convert("L")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+        out[i, 0] = np.asarray(img, dtype=np.float32) / 255.0
+    return out

@@ -1,0 +1,61 @@
+"""The conv encoder and its mirror decoder shared by every autoencoder family."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aae_ray.config import AAEConfig
+
+MAX_CHANNELS = 512
+
+
+def block_channels(cfg: AAEConfig) -> list[int]:
+    """Output channels of each conv block: base, 2*base, 4*base, ... capped."""
+    return [min(cfg.base_channels * 2**i, MAX_CHANNELS) for i in range(cfg.conv_blocks)]
+
+
+def _fc(n_in: int, n_out: int, hidden: int) -> nn.Sequential:
+    if hidden == 0:
+        return nn.Sequential(nn.Linear(n_in, n_out))
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, n_out))
+
+
+class Encoder(nn.Module):
+    """(B, 1, S, S) -> (B, latent_dim): conv blocks (conv, BatchNorm, LeakyReLU, stride 2) then FC."""
+
+    def __init__(self, cfg: AAEConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c_out in block_channels(cfg):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.LeakyReLU(0.2)]
+            c_in = c_out
+        self.conv = nn.Sequential(*layers)
+        side = cfg.input_size >> cfg.conv_blocks
+        self.fc = _fc(c_in * side * side, cfg.latent_dim, cfg.fc_units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).flatten(1))  # (B, latent_dim)
+
+
+class Decoder(nn.Module):
+    """(B, latent_dim) -> (B, 1, S, S) in [0, 1]: the encoder mirrored with transposed convs."""
+
+    def __init__(self, cfg: AAEConfig):
+        super().__init__()
+        chans = block_channels(cfg)[::-1]
+        self.side = cfg.input_size >> cfg.conv_blocks
+        self.c0 = chans[0]
+        self.fc = nn.Sequential(_fc(cfg.latent_dim, self.c0 * self.side**2, cfg.fc_units), nn.LeakyReLU(0.2))
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(chans, chans[1:], strict=False):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+        layers += [nn.ConvTranspose2d(chans[-1], 1, 4, stride=2, padding=1), nn.Sigmoid()]
+        self.deconv = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).view(-1, self.c0, self.side, self.side)  # (B, C, s, s)
+        return self.deconv(h)  # (B, 1, S, S)

@@ -1,0 +1,137 @@
+"""The training loop: plain PyTorch, no Ray. Read it top to bottom.
+
+Each minibatch runs three steps in a fixed order (Makhzani et al. 2015, section 2):
+  1. reconstruction: encoder + decoder minimise the reconstruction error (and push defects out, if asked);
+  2. discriminator: tells samples of N(0, I) from the (detached) codes of this batch;
+  3. generator: the encoder alone learns to make its codes look like prior samples.
+A plain autoencoder runs step 1 only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from aae_ray.config import AAEConfig
+from aae_ray.models import AdversarialAutoencoder, Autoencoder
+
+GRAD_CLIP = 5.0  # keeps an occasional huge push/adversarial gradient from blowing up the weights
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss went NaN or infinite; the message says where and what to change."""
+
+
+@dataclass
+class EpochLog:
+    epoch: int  # 1-based
+    losses: dict[str, float]  # mean of each named loss over the epoch
+    seconds: float
+    images_per_s: float
+    extra: dict[str, float] = field(default_factory=dict)  # filled by callbacks (e.g. val AUROC)
+
+
+EpochCallback = Callable[[EpochLog, nn.Module], None]
+
+
+def build_model(cfg: AAEConfig) -> nn.Module:
+    return AdversarialAutoencoder(cfg) if cfg.family == "aae" else Autoencoder(cfg)
+
+
+def mix_defects(
+    n_normal: int, n_defect: int, anomaly_ratio: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Indices into the confirmed defects so that they make up `anomaly_ratio` of the training set.
+
+    The source research mixes a few defects into training (0.5% was best). With fewer confirmed defects
+    than the ratio asks for, they are repeated; with more, a random subset is taken."""
+    if anomaly_ratio == 0 or n_defect == 0:
+        return np.empty(0, dtype=np.int64)
+    want = max(1, round(anomaly_ratio * n_normal / (1 - anomaly_ratio)))
+    return rng.choice(n_defect, size=want, replace=want > n_defect)
+
+
+def fit_model(
+    model: nn.Module,
+    x: torch.Tensor,
+    defect: torch.Tensor,
+    cfg: AAEConfig,
+    *,
+    on_epoch: EpochCallback | None = None,
+    progress: bool = False,
+) -> list[EpochLog]:
+    """Train `model` in place on images x (N, 1, S, S) with defect flags (N,) bool; returns the epoch logs."""
+    torch.manual_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    optimizers = model.configure_optimizers()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[EpochLog] = []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        start, sums, steps = time.perf_counter(), {}, 0
+        batches = _batches(len(x), cfg.batch_size, gen)
+        for idx in tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress):
+            logs = train_step(model, optimizers, x[idx], defect[idx], cfg)
+            _check_finite(logs, epoch, steps, cfg)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+        seconds = time.perf_counter() - start
+        log = EpochLog(epoch, {k: v / steps for k, v in sums.items()}, seconds, len(x) / seconds)
+        history.append(log)
+        if on_epoch is not None:
+            on_epoch(log, model)
+    model.eval()
+    return history
+
+
+def train_step(
+    model: nn.Module, opt: dict[str, torch.optim.Optimizer], xb: torch.Tensor, db: torch.Tensor, cfg: AAEConfig
+) -> dict[str, float]:
+    # 1. reconstruction
+    loss, codes, logs = model.reconstruction_loss(xb, db)
+    _step(opt["rec"], loss, model)
+    if not model.adversarial:
+        return logs
+    # Codes of confirmed defects stay out of the prior matching when they are pushed away from it.
+    keep = ~db if cfg.defect_loss == "push" and bool(db.any()) else slice(None)
+    # 2. discriminator: prior samples vs this batch's codes
+    for _ in range(cfg.disc_steps):
+        d_loss = model.discriminator_loss(codes[keep])
+        _step(opt["disc"], d_loss, model)
+    # 3. generator: the encoder tries to fool the discriminator
+    g_loss = model.generator_loss(xb[keep])
+    _step(opt["gen"], g_loss, model)
+    return {**logs, "disc": d_loss.item(), "gen": g_loss.item()}
+
+
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, model: nn.Module) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    optimizer.step()
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    batches = list(perm.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on a single image
+        batches.pop()
+    return batches
+
+
+def _check_finite(logs: dict[str, float], epoch: int, step: int, cfg: AAEConfig) -> None:
+    bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
+    if bad:
+        msg = (f"training diverged at epoch {epoch}, step {step}: {bad}; "
+               f"try a lower lr (now {cfg.lr}) or lr_adv (now {cfg.lr_adv})")
+        raise TrainingDiverged(msg)

@@ -1,0 +1,97 @@
+"""The commands' work, as plain functions over a workspace: train a round, evaluate, score the pool.
+
+The CLI only parses arguments and prints; Tune (later) calls the same functions."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from aae_ray import artifacts, scoring
+from aae_ray.config import AAEConfig
+from aae_ray.data.images import write_table_with
+from aae_ray.dataset import Arrays, labeled_arrays, pool_arrays, training_arrays
+from aae_ray.detector import Detector
+from aae_ray.diagnostics import prior_fit
+from aae_ray.train import EpochLog
+from aae_ray.workspace import Workspace, WorkspaceError
+
+Echo = Callable[[str], None]
+SCORES_SCHEMA = pa.schema(
+    [("id", pa.string()), ("t2", pa.float64()), ("p_value", pa.float64()), ("anomaly", pa.bool_()),
+     ("rank", pa.int32())]
+)
+
+
+def train_round(ws: Workspace, cfg: AAEConfig, *, round_no: int = 0, echo: Echo = print,
+                progress: bool = False) -> dict[str, Any]:
+    """Train one model on the workspace's training data, evaluate it, save it as round `round_no`."""
+    data = training_arrays(ws, cfg.input_size)
+    n_def = int(data.y.sum())
+    echo(f"training {cfg.family} on {len(data) - n_def} presumed-normal images and {n_def} confirmed defects "
+         f"(anomaly_ratio {cfg.anomaly_ratio}, defect_loss {cfg.defect_loss}), {cfg.epochs} epochs")
+
+    def on_epoch(log: EpochLog, _model) -> None:
+        losses = "  ".join(f"{k} {v:.4f}" for k, v in log.losses.items())
+        echo(f"epoch {log.epoch:>3}/{cfg.epochs}  {losses}  {log.images_per_s:,.0f} img/s")
+
+    det = Detector(cfg).fit(data.X, data.y, on_epoch=on_epoch, progress=progress)
+    metrics = {"round": round_no, "trial": None, "data_fingerprint": fingerprint(data),
+               **evaluate(ws, det), "n_train": det.n_train_, "n_defects_mixed": det.n_defects_mixed_,
+               "train_images_per_s": float(np.median([h.images_per_s for h in det.history_])),
+               "final_losses": det.history_[-1].losses}
+    normals = data.X[data.y == 0]
+    metrics["prior_fit"] = prior_fit(det.encode(normals[:5000]), seed=cfg.seed)
+    artifacts.save(det, ws.model_dir(round_no), metrics)
+    return metrics
+
+
+def evaluate(ws: Workspace, det: Detector) -> dict[str, Any]:
+    """Val and test metrics (null where a split lacks either class); test truth is for reporting only."""
+    out: dict[str, Any] = {}
+    for split in ("val", "test"):
+        arr = labeled_arrays(ws, split, det.config.input_size)
+        out[f"{split}_auroc"] = None
+        if len(arr) == 0 or arr.y.min() == arr.y.max():
+            continue
+        s = det.score(arr.X)
+        out[f"{split}_auroc"] = scoring.auroc(arr.y, s.t2)
+        out[split] = {**scoring.summary(arr.y, s.t2, det.threshold_),
+                      "recon_auroc": scoring.auroc(arr.y, s.recon_error), "n": len(arr),
+                      "n_defect": int(arr.y.sum())}
+    return out
+
+
+def score_pool(ws: Workspace) -> tuple[Path, pa.Table]:
+    """Score the pool with the promoted model; write `rounds/rNNN/scores.parquet`, rank 1 = most suspicious."""
+    cur = ws.current()
+    if cur is None:
+        raise WorkspaceError(f"{ws.root} has no promoted model yet (run `aae-ray train {ws.root}`)")
+    det = artifacts.load(ws.root / cur["model"])
+    pool = pool_arrays(ws, det.config.input_size)
+    s = det.score(pool.X) if len(pool) else None
+    t2 = s.t2 if s is not None else np.empty(0)
+    order = np.argsort(-t2, kind="stable")
+    rank = np.empty(len(t2), dtype=np.int32)
+    rank[order] = np.arange(1, len(t2) + 1)
+    table = pa.table(
+        {"id": pool.ids, "t2": t2, "p_value": s.p_value if s is not None else np.empty(0),
+         "anomaly": s.anomaly if s is not None else np.empty(0, bool), "rank": rank},
+        schema=SCORES_SCHEMA,
+    ).take(order)
+    path = ws.round_dir(cur["round"]) / "scores.parquet"
+    write_table_with(table, path, SCORES_SCHEMA)
+    return path, table
+
+
+def fingerprint(data: Arrays) -> str:
+    """Which images, with which labels, a model was trained on (not their pixels: ids are content-stable)."""
+    h = hashlib.sha1()
+    for id_, y in sorted(zip(data.ids, data.y.tolist(), strict=True)):
+        h.update(f"{id_}:{y};".encode())
+    return h.hexdigest()[:16]
