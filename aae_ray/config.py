@@ -22,8 +22,11 @@ class AAEConfig(BaseModel):
     input_size: Literal[32, 64, 128] = 32  # 32x32 worked best for solder joints
     conv_blocks: int = Field(3, ge=2, le=5)  # conv, norm, LeakyReLU, stride 2; 3 worked best
     base_channels: int = Field(32, ge=4, le=128)  # channels of the first block, doubled per block
-    latent_dim: int = Field(16, ge=2, le=128)  # the research needed >= ~12
+    latent_dim: int = Field(32, ge=2, le=128)  # the research needed >= ~12; 32 beat 16 on Fashion-MNIST
     fc_units: int = Field(256, ge=0, le=4096)  # hidden FC layer between conv features and latent; 0 = none
+    # BatchNorm (no affine) on the codes: each dimension's mean and variance match the prior's by design, so
+    # the discriminator only has to shape the rest (T2 AUROC on Fashion-MNIST class 0: 0.911 -> 0.936).
+    latent_norm: bool = True
     disc_units: int = Field(256, ge=8, le=4096)  # width of the latent discriminator's two hidden layers
     lr: float = Field(1e-3, gt=0, le=1e-1)  # reconstruction step (encoder + decoder)
     lr_adv: float = Field(1e-3, gt=0, le=1e-1)  # discriminator and generator steps
@@ -37,7 +40,7 @@ class AAEConfig(BaseModel):
     batch_size: int = Field(128, ge=2, le=8192)
     seed: int = 0
     alpha: float = Field(0.01, gt=0, lt=0.5)  # false-alarm rate the T2 threshold is set for
-    calibration_fraction: float = Field(0.1, ge=0, lt=0.5)  # normals held out of training for the threshold
+    calibration_fraction: float = Field(0.2, ge=0, lt=0.5)  # normals held out of training for the threshold
     threshold: Literal["calibrated", "f_ucl"] = "calibrated"  # conformal on held-out normals, or the F limit
     num_threads: int = Field(0, ge=0, le=256)  # torch CPU threads; 0 = leave torch's default
 

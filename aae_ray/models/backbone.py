@@ -35,9 +35,10 @@ class Encoder(nn.Module):
         self.conv = nn.Sequential(*layers)
         side = cfg.input_size >> cfg.conv_blocks
         self.fc = _fc(c_in * side * side, cfg.latent_dim, cfg.fc_units)
+        self.norm = nn.BatchNorm1d(cfg.latent_dim, affine=False) if cfg.latent_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(x).flatten(1))  # (B, latent_dim)
+        return self.norm(self.fc(self.conv(x).flatten(1)))  # (B, latent_dim)
 
 
 class Decoder(nn.Module):

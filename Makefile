@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: venv demo test lint bench-fmnist fmnist-data clean
+
+# (Re)install when the package metadata or the pins change. torch is pinned to the CPU wheel through
+# constraints.txt: unpinned, pip would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -c 'import torch; assert torch.version.cuda is None, "a CUDA torch was installed"'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Real data: Debian's dataset-fashion-mnist. Installed when missing and we may use apt; otherwise the
+# Fashion-MNIST tests skip and the benchmark stops with a message naming the package.
+fmnist-data:
+	@if [ ! -d $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q dataset-fashion-mnist >/dev/null || \
+	      (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null); \
+	  else echo "note: $(FMNIST) missing; apt-get install dataset-fashion-mnist to run the real-data tests"; fi; \
+	fi
+
+demo: venv
+	$(BIN)/aae-ray demo aae-demo
+
+lint: venv
+	$(BIN)/ruff check .
+
+test: venv fmnist-data lint
+	$(BIN)/pytest -q
+
+bench-fmnist: venv fmnist-data
+	$(BIN)/python bench/fmnist.py
+
+clean:
+	rm -rf $(VENV) aae-demo .pytest_cache .ruff_cache *.egg-info
