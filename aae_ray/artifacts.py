@@ -58,19 +58,35 @@ def load(folder: Path) -> Detector:
     missing = [f for f in FILES if not (folder / f).exists()]
     if missing:
         raise ArtifactError(f"{folder} is not a model artifact: missing {', '.join(missing)}")
-    cfg = validate(_read_json(folder / "config.json"), where=str(folder / "config.json"))
-    t2 = _read_json(folder / "t2.json")
+    config = _read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{folder / 'config.json'}: expected a JSON object")
+    cfg = validate(config, where=str(folder / "config.json"))
     det = Detector(cfg)
     det.model_ = build_model(cfg)
-    state = safetensors.torch.load_file(folder / "weights.safetensors")
+    try:
+        state = safetensors.torch.load_file(folder / "weights.safetensors")
+    except Exception as exc:  # safetensors raises its own types for foreign or truncated files
+        raise ArtifactError(f"{folder}: weights.safetensors is unreadable: {str(exc)[:200]}") from None
     try:
         det.model_.load_state_dict(state)
     except RuntimeError as exc:
         raise ArtifactError(f"{folder}: weights do not match config.json: {str(exc)[:200]}") from None
     det.model_.eval()
-    det.hotelling_ = Hotelling.from_dict(t2)
+    det.hotelling_ = _read_hotelling(folder / "t2.json", cfg.latent_dim)
     det.threshold_ = det.hotelling_.threshold
     return det
+
+
+def _read_hotelling(path: Path, latent_dim: int) -> Hotelling:
+    t2 = _read_json(path)
+    try:
+        hot = Hotelling.from_dict(t2)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"{path}: not T2 statistics ({type(exc).__name__}: {exc})") from None
+    if hot.p != latent_dim or hot.mean.shape != (latent_dim,) or hot.precision.shape != (latent_dim, latent_dim):
+        raise ArtifactError(f"{path}: statistics for p={hot.p} do not match config.json's latent_dim={latent_dim}")
+    return hot
 
 
 def read_metrics(folder: Path) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def init(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     ws = Workspace.open(args.workspace)
-    fixed = {"epochs": args.epochs} if args.epochs else {}
+    fixed = {"epochs": args.epochs} if args.epochs is not None else {}
     cfg = load_config(args.config, args.overrides, **fixed)
     start = time.perf_counter()
     m = train_round(ws, cfg, round_no=0, progress=not args.no_progress)

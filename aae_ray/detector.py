@@ -65,6 +65,7 @@ class Detector:
         defect = torch.zeros(len(x), dtype=torch.bool)
         defect[len(train_idx):] = True
 
+        torch.manual_seed(cfg.seed)  # the initial weights, too, come from the config's seed
         self.model_ = build_model(cfg)
         self.history_: list[EpochLog] = fit_model(self.model_, x, defect, cfg, on_epoch=on_epoch,
                                                   progress=progress)
@@ -119,15 +120,18 @@ class Detector:
     def _run(self, X: np.ndarray, fn) -> np.ndarray:
         X = _check_images(X, self.config.input_size)
         model = self.model_.eval()
-        outs = []
         with torch.inference_mode():
-            for i in range(0, len(X), INFER_BATCH):
-                outs.append(fn(model, torch.from_numpy(X[i : i + INFER_BATCH])).numpy())
-        return np.concatenate(outs) if outs else np.empty((0,), dtype=np.float32)
+            if len(X) == 0:  # run one blank image to learn the output's shape, keep none of it
+                return fn(model, torch.zeros((1, *X.shape[1:]))).numpy()[:0]
+            outs = [fn(model, torch.from_numpy(X[i : i + INFER_BATCH])).numpy() for i in range(0, len(X), INFER_BATCH)]
+        return np.concatenate(outs)
 
 
 def _check_images(X: np.ndarray, size: int) -> np.ndarray:
     X = np.asarray(X)
     if X.ndim != 4 or X.shape[1:] != (1, size, size):
         raise ValueError(f"expected images of shape (N, 1, {size}, {size}), got {X.shape}")
-    return np.ascontiguousarray(X, dtype=np.float32)
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if X.size and not (np.isfinite(X).all() and X.min() >= 0.0 and X.max() <= 1.0):
+        raise ValueError("expected finite pixel values in [0, 1] (see aae_ray.data.images.to_model_input)")
+    return X

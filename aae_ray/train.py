@@ -102,14 +102,17 @@ def train_step(
     if not model.adversarial:
         return logs
     # Codes of confirmed defects stay out of the prior matching when they are pushed away from it.
-    keep = ~db if cfg.defect_loss == "push" and bool(db.any()) else slice(None)
+    keep = ~db if cfg.defect_loss == "push" and bool(db.any()) else torch.ones_like(db)
+    if not bool(keep.any()):  # a batch of only pushed defects has nothing to match to the prior
+        return logs
     # 2. discriminator: prior samples vs this batch's codes
     for _ in range(cfg.disc_steps):
         d_loss = model.discriminator_loss(codes[keep])
         _step(opt["disc"], d_loss, model)
     # 3. generator: the encoder tries to fool the discriminator
     g_loss = model.generator_loss(xb[keep])
-    _step(opt["gen"], g_loss, model)
+    if cfg.adv_weight > 0:
+        _step(opt["gen"], g_loss, model)
     return {**logs, "disc": d_loss.item(), "gen": g_loss.item()}
 
 

@@ -124,10 +124,13 @@ def machine() -> str:
            f"{platform.python_version()}"
 
 
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
 def write(out: Path, rows: list[dict], epochs: int, wall: float, classes: list[int], done: bool) -> None:
+    commit = COMMIT  # the code this run imported, not whatever is checked out when it finishes
     settings = aggregate(rows)
     far = [r for r in rows if "far_f_ucl" in r]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {"machine": machine(), "commit": commit, "epochs": epochs, "wall_s": round(wall, 1), "complete": done,
            "classes": classes, "settings": settings, "runs": rows}
     out.mkdir(parents=True, exist_ok=True)

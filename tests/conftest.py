@@ -27,8 +27,8 @@ TINY_SET = [f"--set={k}={v}" for k, v in TINY.items()]
 
 @pytest.fixture(autouse=True)
 def _seed_torch():
-    """Detector.fit draws its initial weights from torch's global RNG (see the xfail in test_detector), so
-    without this a test's model would depend on which tests ran before it."""
+    """Detector.fit seeds itself, but the tests that build models directly draw from torch's global RNG:
+    without this their results would depend on which tests ran before them."""
     torch.manual_seed(0)
 
 
@@ -104,6 +104,6 @@ def solder() -> Solder:
 
 @pytest.fixture(scope="session")
 def fitted(solder) -> Detector:
-    """An AAE detector (16-dim latent) fitted for 5 epochs on the 340 solder normals. Read-only."""
+    """An AAE detector (the default 32-dim latent) fitted for 5 epochs on the 340 solder normals. Read-only."""
     torch.manual_seed(0)
-    return Detector(tiny_config(latent_dim=16, epochs=5, seed=0)).fit(solder.normals)
+    return Detector(tiny_config(latent_dim=32, epochs=5, seed=0)).fit(solder.normals)

@@ -33,7 +33,7 @@ def test_threshold_is_set_and_finite(fitted):
 
 def test_output_shapes(fitted, solder):
     X = solder.X[:7]
-    assert fitted.encode(X).shape == (7, 16)
+    assert fitted.encode(X).shape == (7, 32)
     assert fitted.score_samples(X).shape == (7,)
     assert fitted.reconstruct(X).shape == (7, 1, 32, 32)
     assert fitted.anomaly_map(X).shape == (7, 32, 32)
@@ -92,18 +92,13 @@ def test_fit_needs_more_normals_than_latent_dim_plus_one(solder):
         Detector(tiny_config(calibration_fraction=0.0)).fit(solder.normals[:9])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Detector._run returns np.empty((0,)) for no images, so encode gives "
-                   "shape (0,) instead of (0, latent_dim) and score() raises IndexError (detector.py, _run)")
 def test_an_empty_batch_scores_to_empty_results(fitted):
     X = np.empty((0, 1, 32, 32), dtype=np.float32)
-    assert fitted.encode(X).shape == (0, 16)
+    assert fitted.encode(X).shape == (0, 32)
     assert fitted.score_samples(X).shape == (0,)
     assert fitted.score(X).t2.shape == (0,)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Detector.fit builds the model before fit_model seeds torch, so the "
-                   "initial weights come from the global RNG and the same config gives a different model "
-                   "(detector.py fit: build_model(cfg) runs before torch.manual_seed(cfg.seed) in train.fit_model)")
 def test_same_config_and_data_give_the_same_model(solder):
     X = solder.normals[:150]
     a = Detector(tiny_config(epochs=1)).fit(X).score_samples(X)
@@ -115,6 +110,7 @@ def test_same_config_and_data_give_the_same_model(solder):
 
 
 def test_calibration_normals_are_held_out_of_training(solder):
+    """Held-out normals calibrate the threshold, so the model must never train on them."""
     det = Detector(tiny_config(epochs=1, calibration_fraction=0.3)).fit(solder.normals)
     assert det.n_train_ == len(solder.normals) - round(0.3 * len(solder.normals)) == 238
 
@@ -126,10 +122,11 @@ def test_threshold_is_calibrated_when_enough_normals_are_held_out(solder):
     assert len(det.hotelling_.calibration) == 102
 
 
-def test_too_few_held_out_normals_fall_back_to_the_f_limit(fitted):
-    """The default 0.1 of 340 = 34 held-out normals cannot support the alpha = 0.01 rank."""
+def test_too_few_held_out_normals_fall_back_to_the_f_limit(fitted, solder):
+    """Fewer than 99 held-out normals cannot support the alpha = 0.01 conformal rank."""
+    assert round(fitted.config.calibration_fraction * len(solder.normals)) < 99
     assert fitted.hotelling_.method == "f_ucl"
-    assert fitted.threshold_ == pytest.approx(f_ucl(fitted.n_train_, 16, 0.01))
+    assert fitted.threshold_ == pytest.approx(f_ucl(fitted.n_train_, 32, 0.01))
 
 
 def test_f_ucl_setting_ignores_held_out_normals(solder):
@@ -141,7 +138,7 @@ def test_f_ucl_setting_ignores_held_out_normals(solder):
 def test_confirmed_defects_are_mixed_in_at_the_anomaly_ratio(solder):
     X = solder.X[solder.fit_mask]
     y = solder.truth[solder.fit_mask]  # 340 normals, 78 defects
-    det = Detector(tiny_config(epochs=1, anomaly_ratio=0.05)).fit(X, y)
+    det = Detector(tiny_config(epochs=1, anomaly_ratio=0.05, calibration_fraction=0.1)).fit(X, y)
     assert det.n_train_ == 340 - 34
     assert det.n_defects_mixed_ == len(mix_defects(306, 78, 0.05, np.random.default_rng(0))) == 16
 
@@ -150,7 +147,8 @@ def test_confirmed_defects_are_mixed_in_at_the_anomaly_ratio(solder):
 
 
 def test_t2_separates_defects_from_normals(fitted, solder):
-    """5 epochs of the tiny AAE: T2 AUROC on the 102 test joints (42 defects) measured 0.69-0.82 over 8 seeds."""
+    """5 epochs of the tiny AAE: T2 AUROC on the 102 test joints (42 defects) measured 0.68-0.82 over 6 seeds
+    (0.80 for this one). Training at this budget is noisy: a 16-dim latent gave 0.56-0.73."""
     X, y = solder.test
     assert auroc(y, fitted.score_samples(X)) >= 0.65
 
@@ -162,27 +160,34 @@ def _gaussian_kl(z: np.ndarray) -> float:
 
 
 def test_aae_training_moves_the_latent_towards_the_prior(solder):
-    """10 epochs on 340 normal joints at least halve the codes' KL to N(0, I) from the untrained encoder's
-    near-point mass (measured over 6 seeds: ratio 0.34-0.47, KL ~18-25 from ~50). A weak check: at this budget
-    the AAE is no closer to N(0, I) than the plain AE (ratio 0.33-0.39), and a fresh discriminator still tells
-    its codes from prior samples with ~99% accuracy (see test_models for the adversarial steps on their own)."""
+    """10 epochs of the default AAE (latent BatchNorm on) on 340 normal joints. Measured over 4 seeds: the codes'
+    KL to N(0, I) fell to 0.12-0.21 of the untrained encoder's (~50, a near point mass) and per-dimension
+    variances lay in 0.46-2.45. Without latent_norm the AAE reached only 0.45 (variances <= 0.09) and a plain AE
+    0.31-0.39 (variances <= 0.16). Not N(0, I) yet: eval-mode means stay 1.6-3.2 from 0 and a fresh
+    discriminator still tells the codes from prior samples 95-99% of the time."""
     cfg = tiny_config(epochs=10, seed=0)
     torch.manual_seed(0)
     untrained = Detector(cfg)
     untrained.model_ = build_model(cfg).eval()
     before = _gaussian_kl(untrained.encode(solder.normals))
-    after = _gaussian_kl(Detector(cfg).fit(solder.normals).encode(solder.normals))
-    assert after < 0.65 * before
+    z = Detector(cfg).fit(solder.normals).encode(solder.normals)
+    assert _gaussian_kl(z) < 0.3 * before
+    assert (z.var(0) > 0.3).all() and (z.var(0) < 3.0).all()
 
 
-def test_push_loss_puts_training_defects_above_the_normals(solder):
-    """defect_loss "push" drives confirmed defects away from the prior's centre: their mean T2 ends above the
-    normals' (measured 1.7-3.8x over 8 seeds, 10 epochs, push_weight 10). Whether push separates them better
-    than plain mixing is not stable at this budget (better in 6 of those 8 seeds), so it is not asserted."""
+def test_push_loss_drives_training_defects_out_of_the_normals(solder):
+    """defect_loss "push" drives confirmed defects away from the prior's centre, so they separate from the
+    normals far better than when they are only mixed in. Measured over 8 seeds (10 epochs, push_weight 10,
+    anomaly_ratio 0.05): training-defect AUROC 0.88-0.95 with push against 0.65-0.76 without; mean T2 of the
+    defects 4.8-9.5x the normals' with push against 1.3-1.8x without."""
     X, y = solder.X[solder.fit_mask], solder.truth[solder.fit_mask]
-    cfg = tiny_config(latent_dim=16, epochs=10, anomaly_ratio=0.05, defect_loss="push", push_weight=10.0)
-    det = Detector(cfg).fit(X, y)
-    assert det.n_defects_mixed_ > 0
-    assert {"rec", "push", "disc", "gen"} <= set(det.history_[-1].losses)
-    t2 = det.score_samples(X)
-    assert t2[y == 1].mean() > 1.3 * t2[y == 0].mean()
+    separation, ratio = {}, {}
+    for loss in ("push", "none"):
+        torch.manual_seed(0)
+        cfg = tiny_config(latent_dim=16, epochs=10, anomaly_ratio=0.05, defect_loss=loss, push_weight=10.0)
+        det = Detector(cfg).fit(X, y)
+        t2 = det.score_samples(X)
+        separation[loss] = auroc(y, t2)
+        ratio[loss] = t2[y == 1].mean() / t2[y == 0].mean()
+    assert ratio["push"] > 3.0
+    assert separation["push"] > separation["none"] + 0.05

@@ -128,7 +128,7 @@ def merge_tables(old: pa.Table, new: pa.Table) -> pa.Table:
     """Append rows whose id is not in `old` yet (idempotent re-import)."""
     known = set(old.column("id").to_pylist())
     keep = [i for i, id_ in enumerate(new.column("id").to_pylist()) if id_ not in known]
-    return pa.concat_tables([old, new.take(keep)])
+    return pa.concat_tables([old, new.take(pa.array(keep, type=pa.int64()))])
 
 
 def to_model_input(images: list[bytes], size: int) -> np.ndarray:

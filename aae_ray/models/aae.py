@@ -61,14 +61,15 @@ class AdversarialAutoencoder(nn.Module):
 
     def generator_loss(self, x: torch.Tensor) -> torch.Tensor:
         """Step 3: the encoder alone, trained to make the discriminator call its codes prior samples."""
-        return self.cfg.adv_weight * losses.generator(self.discriminator(self.encoder(x)))
+        return losses.generator(self.discriminator(self.encoder(x)))
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         cfg = self.cfg
         autoencoder = [*self.encoder.parameters(), *self.decoder.parameters()]
         # beta1 = 0.5 is the usual choice for adversarial steps (DCGAN); it damps oscillation.
+        # Adam ignores a constant factor on a loss, so adv_weight scales the generator's step size instead.
         return {
             "rec": torch.optim.Adam(autoencoder, lr=cfg.lr, weight_decay=cfg.weight_decay),
             "disc": torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr_adv, betas=(0.5, 0.999)),
-            "gen": torch.optim.Adam(self.encoder.parameters(), lr=cfg.lr_adv, betas=(0.5, 0.999)),
+            "gen": torch.optim.Adam(self.encoder.parameters(), lr=cfg.lr_adv * cfg.adv_weight, betas=(0.5, 0.999)),
         }
