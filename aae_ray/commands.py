@@ -67,8 +67,8 @@ def train(args: argparse.Namespace) -> int:
     m = train_round(ws, cfg, round_no=0, progress=not args.no_progress)
     ws.promote(0, "aae-ray train")
     print(f"round 0 trained in {time.perf_counter() - start:.0f} s and promoted: val AUROC {_fmt(m['val_auroc'])}, "
-          f"test AUROC {_fmt(m['test_auroc'])}, prior fit (fresh discriminator) "
-          f"{m['prior_fit']['fresh_disc_acc']:.2f}; model in {ws.model_dir(0)}")
+          f"test AUROC {_fmt(m['test_auroc'])}, T2 threshold {m['threshold']:.1f} ({m['threshold_method']}), "
+          f"prior fit (fresh discriminator) {m['prior_fit']['fresh_disc_acc']:.2f}; model in {ws.model_dir(0)}")
     return 0
 
 

@@ -43,6 +43,7 @@ def train_round(ws: Workspace, cfg: AAEConfig, *, round_no: int = 0, echo: Echo 
     det = Detector(cfg).fit(data.X, data.y, on_epoch=on_epoch, progress=progress)
     metrics = {"round": round_no, "trial": None, "data_fingerprint": fingerprint(data),
                **evaluate(ws, det), "n_train": det.n_train_, "n_defects_mixed": det.n_defects_mixed_,
+               "threshold": det.threshold_, "threshold_method": det.hotelling_.method, "ucl_f": det.hotelling_.ucl_f,
                "train_images_per_s": float(np.median([h.images_per_s for h in det.history_])),
                "final_losses": det.history_[-1].losses}
     normals = data.X[data.y == 0]
