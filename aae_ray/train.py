@@ -89,8 +89,29 @@ def fit_model(
         history.append(log)
         if on_epoch is not None:
             on_epoch(log, model)
+    recompute_batchnorm(model, x[~defect], cfg.batch_size)
     model.eval()
     return history
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """Replace BatchNorm's running statistics (an average lagging behind the changing weights) by the
+    population statistics of the final weights on the training normals ("precise BN", Wu & Johnson 2021).
+    With the latent BatchNorm this puts the normals' codes at mean 0 and variance 1 in eval mode, as the
+    prior says; without it they were off by a mean norm of 2-6 on Fashion-MNIST."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or len(x) < 2:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None = cumulative average over all batches seen
+    model.train()
+    for xb in x.split(batch_size):
+        if len(xb) > 1:
+            model(xb)
+    for m in norms:
+        m.momentum = 0.1
 
 
 def train_step(
