@@ -75,7 +75,7 @@ class Detector:
 
     def fit_statistics(self, X_normal: np.ndarray, X_heldout: np.ndarray | None = None) -> Detector:
         """(Re)fit T2's mean and covariance on these normals; calibrate the limit on held-out ones if asked."""
-        hot = Hotelling.fit(self.encode(X_normal), alpha=self.config.alpha)
+        hot = Hotelling.fit(self.encode(X_normal), alpha=self.config.alpha, trim=self.config.t2_trim)
         if self.config.threshold == "calibrated" and X_heldout is not None and len(X_heldout):
             hot = hot.calibrate(self.encode(X_heldout))
         self.hotelling_ = hot

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def resize32(x: np.ndarray) -> np.ndarray:
     return (out / 255.0)[:, None]
 
 
-def run_class(k: int, X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray, epochs: int) -> list[dict]:
+def run_class(k: int, X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray, args: argparse.Namespace
+              ) -> list[dict]:
+    epochs, trim = args.epochs, args.t2_trim
     test_y = (yt != k).astype(np.int8)
     rows: list[dict] = []
 
@@ -51,7 +54,7 @@ def run_class(k: int, X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarr
         t0 = time.perf_counter()
         s = det.score(Xt)
         score_ips = len(Xt) / (time.perf_counter() - t0)
-        row = {**setting, "normal_class": k, "t2_auroc": scoring.auroc(test_y, s.t2),
+        row = {**setting, "t2_trim": trim, "normal_class": k, "t2_auroc": scoring.auroc(test_y, s.t2),
                "recon_auroc": scoring.auroc(test_y, s.recon_error),
                "train_images_per_s": float(np.median([h.images_per_s for h in det.history_])),
                "score_images_per_s": score_ips}
@@ -61,8 +64,9 @@ def run_class(k: int, X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarr
 
     clean = deepsad_split(y, yt, normal_class=k, val_fraction=0.0, seed=k)
     Xc = X[clean.train_normal]
-    for family in ("aae", "ae"):
-        cfg = AAEConfig(family=family, epochs=epochs, seed=k, num_threads=2, latent_norm=family == "aae")
+    for family in args.families if "clean" in args.protocols else ():
+        cfg = AAEConfig(family=family, epochs=epochs, seed=k, num_threads=2, latent_norm=family == "aae",
+                        t2_trim=trim)
         det = Detector(cfg).fit(Xc)
         row = evaluate(det, family=family, protocol="clean", pollution=0.0, labeled_ratio=0.0,
                        defect_loss="none")
@@ -70,13 +74,15 @@ def run_class(k: int, X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarr
             row.update(false_alarms(det, Xc, Xt[test_y == 0], cfg))
         rows.append(row)
 
-    for g in LABELED:
+    for g in LABELED if "deepsad" in args.protocols else ():
         sp = deepsad_split(y, yt, normal_class=k, pollution=POLLUTION, labeled_ratio=g, val_fraction=0.0, seed=k)
         idx = np.concatenate([sp.pool_normal, sp.pool_anomaly, sp.labeled_anomaly])
         yl = np.r_[np.zeros(len(sp.pool_normal) + len(sp.pool_anomaly)), np.ones(len(sp.labeled_anomaly))]
         for family, loss in (("aae", "none"), ("aae", "push"), ("ae", "none")):
+            if family not in args.families:
+                continue
             cfg = AAEConfig(family=family, epochs=epochs, seed=k, num_threads=2, anomaly_ratio=g,
-                            defect_loss=loss, latent_norm=family == "aae")
+                            defect_loss=loss, latent_norm=family == "aae", t2_trim=trim)
             det = Detector(cfg).fit(X[idx], yl.astype(np.int8))
             rows.append(evaluate(det, family=family, protocol="deepsad", pollution=POLLUTION, labeled_ratio=g,
                                  defect_loss=loss))
@@ -88,7 +94,7 @@ def false_alarms(det: Detector, X_train: np.ndarray, X_normal_test: np.ndarray, 
     rng = np.random.default_rng(cfg.seed)  # the same held-out normals Detector.fit kept out of training
     perm = rng.permutation(len(X_train))
     n_cal = round(cfg.calibration_fraction * len(X_train))
-    hot_f = Hotelling.fit(det.encode(X_train[perm[n_cal:]]), alpha=cfg.alpha)
+    hot_f = Hotelling.fit(det.encode(X_train[perm[n_cal:]]), alpha=cfg.alpha, trim=cfg.t2_trim)
     t2 = hot_f.t2(det.encode(X_normal_test))
     return {"far_f_ucl": float((t2 > hot_f.threshold).mean()),
             "far_calibrated": float((det.score_samples(X_normal_test) > det.threshold_).mean()),
@@ -107,6 +113,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
             vals = {r["normal_class"]: r[f"{m}_auroc"] for r in sel}
             settings.append({"method": f"{family.upper()}-{'T2' if m == 't2' else 'recon'}", "protocol": protocol,
                              "pollution": pollution, "labeled_ratio": g, "defect_loss": loss,
+                             "t2_trim": sel[0]["t2_trim"],
                              "mean_auroc": float(np.mean(list(vals.values()))),
                              "std_auroc": float(np.std(list(vals.values()))),
                              "per_class": {str(c): round(v, 4) for c, v in sorted(vals.items())}})
@@ -127,29 +134,31 @@ def machine() -> str:
 COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
-def write(out: Path, rows: list[dict], epochs: int, wall: float, classes: list[int], done: bool) -> None:
+def write(out: Path, name: str, rows: list[dict], epochs: int, wall: float, classes: list[int], done: bool) -> None:
     commit = COMMIT  # the code this run imported, not whatever is checked out when it finishes
     settings = aggregate(rows)
     far = [r for r in rows if "far_f_ucl" in r]
     doc = {"machine": machine(), "commit": commit, "epochs": epochs, "wall_s": round(wall, 1), "complete": done,
            "classes": classes, "settings": settings, "runs": rows}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fmnist.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = [f"# Fashion-MNIST one-vs-rest ({'complete' if done else 'PARTIAL'})", "",
              f"Machine: {doc['machine']}. Commit {commit}. {epochs} epochs per model, defaults of AAEConfig "
              f"(32x32 input, 3 conv blocks, 32-dim latent; the AE without latent BatchNorm); one seed per class "
-             f"(seed = class). Wall time {wall / 60:.1f} min. "
-             f"Produced by `make bench-fmnist`.", "",
+             f"(seed = class); T2 trim {rows[0]['t2_trim'] if rows else 0}. Wall time {wall / 60:.1f} min. "
+             f"Produced by `python bench/fmnist.py {' '.join(sys.argv[1:])}`.", "",
              "| method | protocol | labeled ratio | defect loss | mean AUROC | std | per class |",
              "|---|---|---|---|---|---|---|"]
     for s in settings:
         per = " ".join(f"{v:.3f}" for v in s["per_class"].values())
         lines.append(f"| {s['method']} | {s['protocol']} | {s['labeled_ratio']} | {s['defect_loss']} | "
                      f"{s['mean_auroc']:.4f} | {s['std_auroc']:.4f} | {per} |")
-    lines += ["", "False alarms on the test normals at alpha = 0.01 (clean AAE), and the latent's prior fit "
-              "(fresh-discriminator held-out accuracy, 0.5 = indistinguishable from N(0, I)):", "",
-              "| class | F-UCL FAR | calibrated FAR | UCL (F) | calibrated limit | disc acc | mean norm | var mean |",
-              "|---|---|---|---|---|---|---|---|"]
+    if far:
+        lines += ["", "False alarms on the test normals at alpha = 0.01 (clean AAE), and the latent's prior fit "
+                  "(fresh-discriminator held-out accuracy, 0.5 = indistinguishable from N(0, I)):", "",
+                  "| class | F-UCL FAR | calibrated FAR | UCL (F) | calibrated limit | disc acc | mean norm "
+                  "| var mean |",
+                  "|---|---|---|---|---|---|---|---|"]
     for r in far:
         pf = r["prior_fit"]
         lines.append(f"| {r['normal_class']} {CLASSES[r['normal_class']]} | {r['far_f_ucl']:.4f} | "
@@ -160,14 +169,18 @@ def write(out: Path, rows: list[dict], epochs: int, wall: float, classes: list[i
         lines += ["", f"Speed (clean AAE, median over classes): training "
                       f"{np.median([r['train_images_per_s'] for r in speed]):.0f} images/s, scoring "
                       f"{np.median([r['score_images_per_s'] for r in speed]):.0f} images/s."]
-    (out / "fmnist.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--classes", type=int, nargs="*", default=list(range(10)))
+    ap.add_argument("--protocols", nargs="*", default=["clean", "deepsad"], choices=["clean", "deepsad"])
+    ap.add_argument("--families", nargs="*", default=["aae", "ae"], choices=["aae", "ae"])
+    ap.add_argument("--t2-trim", type=float, default=0.0, help="AAEConfig.t2_trim for every model")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--name", default="fmnist", help="results go to OUT/NAME.md and OUT/NAME.json")
     args = ap.parse_args()
     start = time.perf_counter()
     xtr, ytr, xte, yte = load_fashion_mnist()
@@ -176,10 +189,10 @@ def main() -> None:
     rows: list[dict] = []
     for k in args.classes:
         t0 = time.perf_counter()
-        rows += run_class(k, X, ytr, Xt, yte, args.epochs)
+        rows += run_class(k, X, ytr, Xt, yte, args)
         print(f"class {k} ({CLASSES[k]}) done in {time.perf_counter() - t0:.0f} s", flush=True)
-        write(args.out, rows, args.epochs, time.perf_counter() - start, args.classes, done=False)
-    write(args.out, rows, args.epochs, time.perf_counter() - start, args.classes, done=True)
+        write(args.out, args.name, rows, args.epochs, time.perf_counter() - start, args.classes, done=False)
+    write(args.out, args.name, rows, args.epochs, time.perf_counter() - start, args.classes, done=True)
 
 
 if __name__ == "__main__":

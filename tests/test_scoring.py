@@ -53,6 +53,25 @@ def test_fit_centres_on_the_sample_mean():
     assert hot.t2(hot.mean[None])[0] == 0.0
 
 
+def test_trimmed_fit_ignores_defects_hidden_among_the_normals():
+    """10% of the presumed normals are defects far out along one axis: the plain fit's mean and variance are
+    pulled towards them, the trimmed fit stays with the normals, and the defects score higher under it."""
+    rng = np.random.default_rng(0)
+    normals = rng.standard_normal((1800, 4))
+    hidden = rng.standard_normal((200, 4)) + [6.0, 0, 0, 0]
+    z = np.concatenate([normals, hidden])
+    plain, trimmed = Hotelling.fit(z), Hotelling.fit(z, trim=0.15)
+    assert abs(plain.mean[0]) > 0.4
+    assert abs(trimmed.mean[0]) < 0.15
+    assert np.median(trimmed.t2(hidden)) > 2 * np.median(plain.t2(hidden))
+
+
+@pytest.mark.parametrize("trim", [-0.1, 0.5])
+def test_trim_outside_zero_to_half_is_rejected(trim):
+    with pytest.raises(ValueError, match="trim"):
+        Hotelling.fit(np.random.default_rng(0).standard_normal((50, 2)), trim=trim)
+
+
 def test_ledoit_wolf_shrinkage_on_a_hand_case():
     """Points (+-1, 0), (0, +-2): S = diag(0.5, 2), target 1.25 I, d2 = 1.125, b2 = 17/16,
     so shrinkage = 17/18 and the covariance is 17/18 * 1.25 I + 1/18 * S."""
