@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from functools import lru_cache
 
 import numpy as np
-from PIL import Image
 
-from aae_ray.data import DEFECT, NORMAL
+from aae_ray.data import DEFECT, NORMAL, raster
 from aae_ray.data.images import ImageRecord, stable_id
 
 DEFECT_KINDS: tuple[str, ...] = ("void", "bridge", "insufficient", "excess", "particle", "deformed")
@@ -344,31 +342,28 @@ def _render(scene: _Scene, defect: _Defect, noise_seed: int, size: int) -> np.nd
     for cx, cy, radius, depth in defect.voids:
         # A gas void removes solder along the beam, so the hole is brighter than the surrounding joint.
         win = grid.window(cx, cy, radius + 0.03)
-        solder[win] *= 1.0 - depth * _disc(grid.x[win], grid.y[win], cx, cy, radius, edge=0.03)
+        solder[win] *= 1.0 - depth * raster.disc(grid.x[win], grid.y[win], cx, cy, radius, edge=0.03)
     for blob in (*scene.neighbours, *defect.blobs):
         _add_blob(solder, grid, blob)
     if defect.bridge is not None:
         x0, y0, x1, y1, half_w, peak = defect.bridge
         win = grid.window((x0 + x1) / 2, (y0 + y1) / 2, max(abs(x1 - x0), abs(y1 - y0)) / 2 + half_w)
-        solder[win] += _capsule(grid.x[win], grid.y[win], *defect.bridge)
+        solder[win] += raster.capsule(grid.x[win], grid.y[win], *defect.bridge)
     density += solder
-    image = scene.background * _texture(scene.texture_seed, size) * np.exp(-scene.mu * density)
-    image = _blur(image, scene.blur_px * size / 128)
+    image = scene.background * raster.texture(scene.texture_seed, size) * np.exp(-scene.mu * density)
+    image = raster.blur(image, scene.blur_px * size / 128)
     return _add_noise(image, scene, noise_seed)
 
 
 def _make_grid(scene: _Scene, size: int) -> _Grid:
     """Pixel grid -> scene coordinates: the small shift and rotation of the part under the X-ray."""
-    u = _axis(size)
+    u = raster.axis(size)
     c, s = math.cos(scene.rotation), math.sin(scene.rotation)
     px = u[None, :] - scene.shift[0]
     py = u[:, None] - scene.shift[1]
     return _Grid(c * px + s * py, -s * px + c * py, scene.shift, c, s)
 
 
-@lru_cache(maxsize=8)
-def _axis(size: int) -> np.ndarray:
-    return ((np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0).astype(np.float32)
 
 
 def _board_density(scene: _Scene, grid: _Grid) -> np.ndarray:
@@ -376,22 +371,22 @@ def _board_density(scene: _Scene, grid: _Grid) -> np.ndarray:
     x, y = grid.x, grid.y
     pw, ph = scene.pad_half
     jy = scene.joint.cy
-    density = scene.body_density * _ramp(y - scene.body_edge, 0.03, rising=False)
+    density = scene.body_density * raster.ramp(y - scene.body_edge, 0.03, rising=False)
     # The lead runs from the body down into the fillet and ends inside it.
     lead_top, lead_end = scene.body_edge - 0.05, jy + 0.1
     lead_mid, lead_half = (lead_top + lead_end) / 2, (lead_end - lead_top) / 2
     for cx in (-scene.pitch, 0.0, scene.pitch):
         win = grid.window(cx, jy, max(pw, ph) + 0.02)
-        density[win] += scene.pad_density * _box(x[win] - cx, y[win] - jy, pw, ph, edge=0.02)
+        density[win] += scene.pad_density * raster.box(x[win] - cx, y[win] - jy, pw, ph, edge=0.02)
         win = grid.window(cx, lead_mid, lead_half + 0.02)
-        density[win] += scene.lead_density * _box(
+        density[win] += scene.lead_density * raster.box(
             x[win] - cx, y[win] - lead_mid, scene.lead_half_width, lead_half, edge=0.02
         )
     for x_pad, x_edge, half_w in scene.traces:
         # From the pad's lower edge out past the bottom of the image.
         y0, y1 = jy + ph, 1.2
         win = grid.window((x_pad + x_edge) / 2, (y0 + y1) / 2, max(abs(x_edge - x_pad), y1 - y0) / 2 + half_w)
-        density[win] += 0.07 * _capsule_mask(x[win], y[win], x_pad, y0, x_edge, y1, half_w)
+        density[win] += 0.07 * raster.capsule_mask(x[win], y[win], x_pad, y0, x_edge, y1, half_w)
     return density
 
 
@@ -417,80 +412,6 @@ def _blob(b: _Blob, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     # Exponent above a sphere's 0.5: the rim of a wetted fillet is thinner than a ball's.
     thickness = b.peak * np.clip(1.0 - rho2, 0.0, 1.0) ** 0.7
     return thickness * (1.0 - b.tilt * v) if b.tilt else thickness
-
-
-def _disc(x: np.ndarray, y: np.ndarray, cx: float, cy: float, radius: float, edge: float) -> np.ndarray:
-    r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
-    return _ramp(r - radius, edge, rising=False)
-
-
-def _capsule_mask(
-    x: np.ndarray, y: np.ndarray, x0: float, y0: float, x1: float, y1: float, half_w: float
-) -> np.ndarray:
-    """1 within `half_w` of the segment (x0, y0)-(x1, y1), soft edge."""
-    return _ramp(_segment_distance(x, y, x0, y0, x1, y1) - half_w, 0.015, rising=False)
-
-
-def _capsule(
-    x: np.ndarray, y: np.ndarray, x0: float, y0: float, x1: float, y1: float, half_w: float, peak: float
-) -> np.ndarray:
-    """A solder streak: thickest along its axis, like a dome swept along the segment."""
-    d = _segment_distance(x, y, x0, y0, x1, y1) / half_w
-    return peak * np.sqrt(np.clip(1.0 - d * d, 0.0, 1.0))
-
-
-def _segment_distance(x: np.ndarray, y: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
-    dx, dy = x1 - x0, y1 - y0
-    t = np.clip(((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy), 0.0, 1.0)
-    return np.sqrt((x - x0 - t * dx) ** 2 + (y - y0 - t * dy) ** 2)
-
-
-def _box(dx: np.ndarray, dy: np.ndarray, hw: float, hh: float, edge: float) -> np.ndarray:
-    return _ramp(np.abs(dx) - hw, edge, rising=False) * _ramp(np.abs(dy) - hh, edge, rising=False)
-
-
-def _ramp(d: np.ndarray, edge: float, rising: bool) -> np.ndarray:
-    """A linear step of width `edge` at d = 0: cheaper than a sigmoid and the blur rounds it anyway."""
-    step = np.clip(0.5 + d / edge, 0.0, 1.0)
-    return step if rising else 1.0 - step
-
-
-def _texture(seed: int, size: int) -> np.ndarray:
-    """Multiplicative board texture: blotchy laminate plus a faint glass-fibre weave, around 1.0."""
-    rng = np.random.default_rng(seed)
-    blotch = _upsample(rng.standard_normal((6, 6), dtype=np.float32), size)
-    grain = _upsample(rng.standard_normal((20, 20), dtype=np.float32), size)
-    u = _axis(size)
-    freq = math.pi / rng.uniform(0.08, 0.12)
-    phase_x, phase_y = rng.uniform(0, 2 * math.pi), rng.uniform(0, 2 * math.pi)
-    weave = np.sin(u[None, :] * freq + phase_x) * np.sin(u[:, None] * freq + phase_y)
-    return 1.0 + 0.025 * blotch + 0.012 * grain + 0.008 * weave
-
-
-def _upsample(grid: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear upsampling of a small float grid into a smooth (size, size) field."""
-    img = Image.fromarray(grid).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.float32)
-
-
-def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian as a few shifted adds, with edge padding so the borders do not darken.
-
-    Not a matrix product: multi-threaded BLAS on a busy machine is slower than this.
-    """
-    taps = _gauss_taps(round(sigma, 2))
-    r = len(taps) // 2
-    n = image.shape[0]
-    padded = np.pad(image, r, mode="edge")
-    rows = sum(w * padded[i : i + n, :] for i, w in enumerate(taps))
-    return sum(w * rows[:, i : i + n] for i, w in enumerate(taps))
-
-
-@lru_cache(maxsize=64)
-def _gauss_taps(sigma: float) -> tuple[float, ...]:
-    r = max(1, math.ceil(2.5 * sigma))
-    w = [math.exp(-(i * i) / (2 * sigma * sigma)) for i in range(-r, r + 1)]
-    return tuple(v / sum(w) for v in w)
 
 
 def _add_noise(image: np.ndarray, scene: _Scene, noise_seed: int) -> np.ndarray:
