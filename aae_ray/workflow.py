@@ -19,7 +19,7 @@ from aae_ray.dataset import Arrays, labeled_arrays, pool_arrays, training_arrays
 from aae_ray.detector import Detector
 from aae_ray.diagnostics import prior_fit
 from aae_ray.train import EpochLog
-from aae_ray.workspace import Workspace, WorkspaceError
+from aae_ray.workspace import Workspace
 
 Echo = Callable[[str], None]
 SCORES_SCHEMA = pa.schema(
@@ -70,10 +70,8 @@ def evaluate(ws: Workspace, det: Detector) -> dict[str, Any]:
 
 def score_pool(ws: Workspace) -> tuple[Path, pa.Table]:
     """Score the pool with the promoted model; write `rounds/rNNN/scores.parquet`, rank 1 = most suspicious."""
+    det = artifacts.load(ws.current_model_dir())
     cur = ws.current()
-    if cur is None:
-        raise WorkspaceError(f"{ws.root} has no promoted model yet (run `aae-ray train {ws.root}`)")
-    det = artifacts.load(ws.root / cur["model"])
     pool = pool_arrays(ws, det.config.input_size)
     s = det.score(pool.X) if len(pool) else None
     t2 = s.t2 if s is not None else np.empty(0)
