@@ -45,9 +45,9 @@ def training_arrays(ws: Workspace, size: int) -> Arrays:
 
 def labeled_arrays(ws: Workspace, split: str, size: int) -> Arrays:
     table = ws.images()
-    rows = [i for i, (s, t) in enumerate(_columns(table, "split", "truth")) if s == split and t is not None]
-    y = np.asarray([table.column("truth")[i].as_py() for i in rows], dtype=np.int8)
-    return _decode(table, rows, y, size)
+    picked = [(i, t) for i, (s, t) in enumerate(_columns(table, "split", "truth")) if s == split and t is not None]
+    rows = [i for i, _ in picked]
+    return _decode(table, rows, np.asarray([t for _, t in picked], dtype=np.int8), size)
 
 
 def pool_arrays(ws: Workspace, size: int) -> Arrays:

@@ -73,16 +73,12 @@ def score_pool(ws: Workspace) -> tuple[Path, pa.Table]:
     det = artifacts.load(ws.current_model_dir())
     cur = ws.current()
     pool = pool_arrays(ws, det.config.input_size)
-    s = det.score(pool.X) if len(pool) else None
-    t2 = s.t2 if s is not None else np.empty(0)
-    order = np.argsort(-t2, kind="stable")
-    rank = np.empty(len(t2), dtype=np.int32)
-    rank[order] = np.arange(1, len(t2) + 1)
-    table = pa.table(
-        {"id": pool.ids, "t2": t2, "p_value": s.p_value if s is not None else np.empty(0),
-         "anomaly": s.anomaly if s is not None else np.empty(0, bool), "rank": rank},
-        schema=SCORES_SCHEMA,
-    ).take(order)
+    s = det.score(pool.X)  # an empty pool gives empty scores
+    order = np.argsort(-s.t2, kind="stable")
+    rank = np.empty(len(s.t2), dtype=np.int32)
+    rank[order] = np.arange(1, len(s.t2) + 1)
+    table = pa.table({"id": pool.ids, "t2": s.t2, "p_value": s.p_value, "anomaly": s.anomaly, "rank": rank},
+                     schema=SCORES_SCHEMA).take(order)
     path = ws.round_dir(cur["round"]) / "scores.parquet"
     write_table_with(table, path, SCORES_SCHEMA)
     return path, table

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -149,6 +150,18 @@ def test_score_ranks_the_whole_pool_most_suspicious_first(scored_ws):
     assert t2[1] == max(t2.values())
     assert all(t2[k] >= t2[k + 1] for k in range(1, len(rows)))
     assert [r["rank"] for r in rows] == sorted(r["rank"] for r in rows)  # the file is the queue, in order
+
+
+def test_score_with_an_empty_pool_writes_an_empty_queue(trained_ws, tmp_path):
+    """A workspace without unlabeled images (a clean Fashion-MNIST import, say) still gets a queue file."""
+    ws = tmp_path / "ws"
+    shutil.copytree(trained_ws, ws, ignore=shutil.ignore_patterns("scores.parquet"))
+    images = pq.read_table(ws / "data" / "images.parquet")
+    pq.write_table(images.filter(pc.not_equal(images["split"], "pool")), ws / "data" / "images.parquet")
+    assert run_cli("score", ws) == 0
+    queue = pq.read_table(ws / "rounds" / "r000" / "scores.parquet")
+    assert queue.num_rows == 0
+    assert queue.column_names == ["id", "t2", "p_value", "anomaly", "rank"]
 
 
 def test_score_flags_and_p_values_come_from_the_promoted_model(scored_ws):
