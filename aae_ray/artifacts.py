@@ -39,7 +39,7 @@ def save(detector: Detector, folder: Path, metrics: dict[str, Any]) -> Path:
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in detector.model_.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in detector.model_.state_dict().items()}
     safetensors.torch.save_file(state, tmp / "weights.safetensors")
     _write_json(tmp / "config.json", detector.config.model_dump())
     _write_json(tmp / "t2.json", detector.hotelling_.to_dict())

@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     train.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
 
+    tune = sub.add_parser("tune", help="search architectures with Ray Tune + Optuna; export and report the best")
+    tune.add_argument("workspace", type=Path)
+    tune.add_argument("--config", type=Path, help="tuning spec (default: tune_configs/default.yaml)")
+    tune.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start Ray here)")
+    tune.add_argument("--num-samples", type=int, help="number of trials (overrides the spec)")
+    tune.add_argument("--max-concurrent", type=int, help="trials at once (overrides the spec)")
+    tune.add_argument("--round", type=int, help="round number (default: the next one; with --resume the last)")
+    tune.add_argument("--resume", action="store_true", help="continue an interrupted or killed run")
+
     score = sub.add_parser("score", help="score the pool with the promoted model; write the queue")
     score.add_argument("workspace", type=Path)
     score.add_argument("--top", type=int, default=10, help="how many suspects to print")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -70,6 +71,55 @@ def train(args: argparse.Namespace) -> int:
           f"test AUROC {_fmt(m['test_auroc'])}, T2 threshold {m['threshold']:.1f} ({m['threshold_method']}), "
           f"prior fit (fresh discriminator) {m['prior_fit']['fresh_disc_acc']:.2f}; model in {ws.model_dir(0)}")
     return 0
+
+
+def tune(args: argparse.Namespace) -> int:
+    from aae_ray.tuning.runner import experiment_dir, ranked, run_tune
+    from aae_ray.tuning.spec import default_spec_path, load_spec
+
+    ws = Workspace.open(args.workspace)
+    spec = load_spec(args.config or default_spec_path(), num_samples=args.num_samples,
+                     max_concurrent=args.max_concurrent)
+    round_no = args.round if args.round is not None else _tune_round(ws, args.resume)
+    start = time.perf_counter()
+    try:
+        out = run_tune(ws, spec, round_no=round_no, address=args.address, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"interrupted; the experiment in {experiment_dir(ws, round_no)} is resumable: "
+              f"aae-ray tune {ws.root} --resume", file=sys.stderr)
+        return 130
+    print(f"{'trial':>10}  {'status':<10} {spec.metric:>9}  epochs  params")
+    for r in ranked(out.rows, spec)[:10]:
+        params = " ".join(f"{k}={_short(v)}" for k, v in r.params.items())
+        print(f"{r.trial_id:>10}  {r.status:<10} {_fmt(r.metric):>9}  {r.epochs:>6}  {params}"
+              + (f"  ({r.error})" if r.error else ""))
+    counts = Counter(r.status for r in out.rows)
+    tally = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    if out.interrupted:
+        print(f"tune interrupted after {len(out.rows)} of {spec.num_samples} trials ({tally}); "
+              f"resume with: aae-ray tune {ws.root} --resume")
+        return 130
+    if out.best is None:
+        raise RuntimeError(f"no trial finished ({tally}); see the errors above and {out.experiment}")
+    m = out.metrics
+    cur = ws.current()
+    promoted = "promoted" if cur and cur["round"] == round_no else f"not promoted (round {cur['round']} is current)"
+    print(f"best config: {m['config']}")
+    source = "val" if out.objective_source == "val" else "synthetic corruptions (no labeled defects in val)"
+    print(f"tuned round {round_no} in {time.perf_counter() - start:.0f} s: {len(out.rows)} trials ({tally}); best "
+          f"{out.best.trial_id} {spec.metric} {_fmt(out.best.metric)} on {source}, val AUROC {_fmt(m['val_auroc'])}, "
+          f"test AUROC {_fmt(m['test_auroc'])}; model {ws.model_dir(round_no)} {promoted}; report {out.report}")
+    return 0
+
+
+def _tune_round(ws: Workspace, resume: bool) -> int:
+    rounds = ws.rounds()
+    if resume:
+        tuned = [n for n in rounds if (ws.round_dir(n) / "tune").exists()]
+        if not tuned:
+            raise ValueError(f"nothing to resume: no round in {ws.root} has a tune experiment")
+        return tuned[-1]
+    return rounds[-1] + 1 if rounds else 0
 
 
 def score(args: argparse.Namespace) -> int:
@@ -142,3 +192,7 @@ def _pool_truth(ws: Workspace, scores) -> list[int | None]:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)

@@ -47,6 +47,7 @@ class AAEConfig(BaseModel):
     calibration_fraction: float = Field(0.2, ge=0, lt=0.5)  # normals held out of training for the threshold
     threshold: Literal["calibrated", "f_ucl"] = "calibrated"  # conformal on held-out normals, or the F limit
     num_threads: int = Field(0, ge=0, le=256)  # torch CPU threads; 0 = leave torch's default
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU when torch sees one (a Tune trial: its share)
 
     @model_validator(mode="after")
     def _fits_input(self) -> AAEConfig:

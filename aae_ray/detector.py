@@ -117,13 +117,20 @@ class Detector:
         t2 = self.hotelling_.t2(out[:, :-1])
         return Scores(t2, self.hotelling_.p_value(t2), t2 > self.threshold_, out[:, -1])
 
+    def to(self, device: str | torch.device) -> Detector:
+        """Run inference on this device (a loaded artifact starts on the CPU)."""
+        self.model_.to(device)
+        return self
+
     def _run(self, X: np.ndarray, fn) -> np.ndarray:
         X = _check_images(X, self.config.input_size)
         model = self.model_.eval()
+        device = next(model.parameters()).device
         with torch.inference_mode():
             if len(X) == 0:  # run one blank image to learn the output's shape, keep none of it
-                return fn(model, torch.zeros((1, *X.shape[1:]))).numpy()[:0]
-            outs = [fn(model, torch.from_numpy(X[i : i + INFER_BATCH])).numpy() for i in range(0, len(X), INFER_BATCH)]
+                return fn(model, torch.zeros((1, *X.shape[1:]), device=device)).cpu().numpy()[:0]
+            outs = [fn(model, torch.from_numpy(X[i : i + INFER_BATCH]).to(device)).cpu().numpy()
+                    for i in range(0, len(X), INFER_BATCH)]
         return np.concatenate(outs)
 
 

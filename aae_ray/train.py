@@ -41,6 +41,12 @@ class EpochLog:
 EpochCallback = Callable[[EpochLog, nn.Module], None]
 
 
+def resolve_device(cfg: AAEConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for, but torch sees no GPU here")
+    return torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def build_model(cfg: AAEConfig) -> nn.Module:
     return AdversarialAutoencoder(cfg) if cfg.family == "aae" else Autoencoder(cfg)
 
@@ -71,6 +77,8 @@ def fit_model(
     torch.manual_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg)
+    model.to(device)  # before the optimizers: they hold the parameters
     optimizers = model.configure_optimizers()
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[EpochLog] = []
@@ -79,7 +87,7 @@ def fit_model(
         start, sums, steps = time.perf_counter(), {}, 0
         batches = _batches(len(x), cfg.batch_size, gen)
         for idx in tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress):
-            logs = train_step(model, optimizers, x[idx], defect[idx], cfg)
+            logs = train_step(model, optimizers, x[idx].to(device), defect[idx].to(device), cfg)
             _check_finite(logs, epoch, steps, cfg)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -107,9 +115,10 @@ def recompute_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> N
         m.reset_running_stats()
         m.momentum = None  # None = cumulative average over all batches seen
     model.train()
+    device = next(model.parameters()).device
     for xb in x.split(batch_size):
         if len(xb) > 1:
-            model(xb)
+            model(xb.to(device))
     for m in norms:
         m.momentum = 0.1
 

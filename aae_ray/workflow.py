@@ -85,8 +85,12 @@ def score_pool(ws: Workspace) -> tuple[Path, pa.Table]:
 
 
 def fingerprint(data: Arrays) -> str:
+    return fingerprint_ids(data.ids, data.y)
+
+
+def fingerprint_ids(ids, y: np.ndarray) -> str:
     """Which images, with which labels, a model was trained on (not their pixels: ids are content-stable)."""
     h = hashlib.sha1()
-    for id_, y in sorted(zip(data.ids, data.y.tolist(), strict=True)):
-        h.update(f"{id_}:{y};".encode())
+    for id_, label in sorted(zip(ids, np.asarray(y).tolist(), strict=True)):
+        h.update(f"{id_}:{label};".encode())
     return h.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Hyper-parameter search with Ray Tune + Optuna: the spec (YAML), the trial, the run, its report."""
