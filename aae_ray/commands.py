@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import Counter
@@ -154,6 +155,7 @@ def status(args: argparse.Namespace) -> int:
         m = artifacts.read_metrics(folder)
         mark = " (current)" if cur and cur["round"] == n else ""
         print(f"  round {n}{mark}: val AUROC {_fmt(m.get('val_auroc'))}, test AUROC {_fmt(m.get('test_auroc'))}")
+        _print_tune_summary(ws.round_dir(n))
     print(f"current model: {cur['model']} (round {cur['round']})" if cur else "current model: none")
     return 0
 
@@ -182,6 +184,21 @@ def demo(args: argparse.Namespace) -> int:
     print(f"demo done: test AUROC {_fmt(m['test_auroc'])} on {len(test)} images, {hits}/10 of the top pool "
           f"suspects are real defects; queue in {path}")
     return 0
+
+
+def _print_tune_summary(round_dir: Path) -> None:
+    path = round_dir / "tune_summary.json"
+    if not path.exists():
+        return
+    t = json.loads(path.read_text())
+    total = sum(t["trials"].values())
+    tally = ", ".join(f"{v} {k}" for k, v in sorted(t["trials"].items()))
+    best = t.get("best") or {}
+    source = "val" if t["objective_source"] == "val" else "synthetic corruptions"
+    print(f"    tune: {total} trials ({tally}), best {best.get('trial', 'none')} {t['metric']} "
+          f"{_fmt(best.get(t['metric']))} on {source}" + (" [interrupted: --resume]" if t["interrupted"] else ""))
+    if (round_dir / "report").exists():
+        print(f"    report: {round_dir / 'report'}")
 
 
 def _pool_truth(ws: Workspace, scores) -> list[int | None]:

@@ -107,3 +107,19 @@ def fitted(solder) -> Detector:
     """An AAE detector (the default 32-dim latent) fitted for 5 epochs on the 340 solder normals. Read-only."""
     torch.manual_seed(0)
     return Detector(tiny_config(latent_dim=32, epochs=5, seed=0)).fit(solder.normals)
+
+
+# A trial whose lr is exactly this gets its weights poisoned with NaN after epoch 1 (aae_ray.tuning.trainable).
+POISONED_LR = 0.000777
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting one costs 5-6 s): 2 CPUs, NaN injection armed."""
+    ray = pytest.importorskip("ray")
+    from aae_ray.tuning.trainable import INJECT_NAN_ENV
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {INJECT_NAN_ENV: f"lr={POISONED_LR}"}})
+    yield ray
+    ray.shutdown()

@@ -76,7 +76,8 @@ def _objective(det: Detector, X: np.ndarray, y: np.ndarray, source: str) -> dict
 
 
 def _epoch_metrics(log: EpochLog) -> dict[str, Any]:
-    return {"epoch": log.epoch, "images_per_s": log.images_per_s, "node": ray.get_runtime_context().get_node_id(),
+    return {"epoch": log.epoch, "images_per_s": log.images_per_s, "threads": torch.get_num_threads(),
+            "node": ray.get_runtime_context().get_node_id(),
             **{f"loss_{k}": v for k, v in log.losses.items()}}
 
 
