@@ -60,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="rounds, metrics, labels, current model")
     status.add_argument("workspace", type=Path)
 
-    demo = sub.add_parser("demo", help="the loop on synthetic solder joints: init, train, score, summary")
+    demo = sub.add_parser("demo", help="the loop on synthetic solder joints: init, tune, score, summary")
     demo.add_argument("workspace", type=Path, nargs="?", default=Path("aae-demo"))
-    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--config", type=Path, help="tuning spec (default: tune_configs/default.yaml)")
+    demo.add_argument("--num-samples", type=int, help="number of trials (default: the spec's)")
     demo.add_argument("--seed", type=int, default=0)
     return p
 

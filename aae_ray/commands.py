@@ -161,17 +161,21 @@ def status(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Synthetic solder joints -> train -> score -> summary. Safe to re-run: the import is idempotent."""
+    """Synthetic solder joints -> tune (tune_configs/default.yaml) -> score -> summary. Safe to re-run: the
+    import is idempotent and each run tunes a new round."""
     ws_dir: Path = args.workspace
     print(f"== 1/3 init {ws_dir}")
     init(argparse.Namespace(workspace=ws_dir, source="synthetic", seed=args.seed, n_normal=800, n_defect=80,
                             size=128))
     ws = Workspace.open(ws_dir)
-    print(f"== 2/3 train ({args.epochs} epochs, 32x32, 3 conv blocks, 16-dim latent, anomaly ratio 0.005)")
-    cfg = load_config(None, [], epochs=args.epochs, anomaly_ratio=0.005, seed=args.seed, latent_dim=16)
-    m = train_round(ws, cfg, round_no=0)
-    ws.promote(0, "aae-ray demo")
-    print("== 3/3 score the pool")
+    round_no = _tune_round(ws, resume=False)
+    print(f"== 2/3 tune round {round_no} (tune_configs/default.yaml: Ray Tune + Optuna TPE + ASHA on this machine)")
+    code = tune(argparse.Namespace(workspace=ws_dir, config=args.config, address=None, num_samples=args.num_samples,
+                                   max_concurrent=None, round=round_no, resume=False))
+    if code != 0:
+        return code
+    m = artifacts.read_metrics(ws.model_dir(round_no))
+    print("== 3/3 score the pool with the promoted model")
     path, table = score_pool(ws)
     truth = dict(zip(table.column("id").to_pylist(), _pool_truth(ws, table), strict=True))
     top = table.slice(0, 10).to_pylist()
@@ -180,9 +184,9 @@ def demo(args: argparse.Namespace) -> int:
         kind = {1: "defect", 0: "normal", None: "?"}[truth[r["id"]]]
         print(f"  #{r['rank']:<3} {r['id']}  T2 {r['t2']:8.2f}  {kind}")
     hits = sum(truth[r["id"]] == 1 for r in top)
-    test = labeled_arrays(ws, "test", cfg.input_size)
-    print(f"demo done: test AUROC {_fmt(m['test_auroc'])} on {len(test)} images, {hits}/10 of the top pool "
-          f"suspects are real defects; queue in {path}")
+    test = labeled_arrays(ws, "test", m["config"]["input_size"])
+    print(f"demo done: round {round_no}'s best trial has test AUROC {_fmt(m['test_auroc'])} on {len(test)} images, "
+          f"{hits}/10 of the top pool suspects are real defects; queue in {path}")
     return 0
 
 
