@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv demo test lint bench-fmnist bench-speed fmnist-data clean
+.PHONY: venv demo test lint bench-fmnist bench-speed bench-tune fmnist-data clean
 
 # (Re)install when the package metadata or the pins change. torch is pinned to the CPU wheel through
 # constraints.txt: unpinned, pip would pull a multi-GB CUDA build.
@@ -42,6 +42,9 @@ bench-fmnist: venv fmnist-data
 
 clean:
 	rm -rf $(VENV) aae-demo .pytest_cache .ruff_cache *.egg-info
+
+bench-tune: venv fmnist-data
+	$(BIN)/python bench/tune.py
 
 bench-speed: venv fmnist-data
 	$(BIN)/python bench/speed.py

@@ -257,3 +257,16 @@ def test_status_shows_the_tuning_round(tuned, capsys):
     out = capsys.readouterr().out
     assert f"tune: 4 trials (3 complete, 1 error), best {outcome.best.trial_id}" in out
     assert "report:" in out
+
+
+@pytest.mark.slow
+def test_the_demo_tunes_scores_and_summarises(ray_local, tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(json.dumps({"num_samples": 2, "max_concurrent": 2, "scheduler": {"asha": False},
+                                "space": {"latent_dim": {"choice": [4, 8]}, "anomaly_ratio": {"choice": [0, 0.01]}},
+                                "fixed": TINY_FIXED}))  # JSON is YAML
+    assert run_cli("demo", tmp_path / "demo", "--config", spec) == 0
+    out = capsys.readouterr().out
+    assert "== 2/3 tune round 0" in out and "tuned round 0" in out and "promoted" in out
+    assert "demo done: round 0's best trial has test AUROC 0." in out
+    assert (tmp_path / "demo" / "rounds" / "r000" / "scores.parquet").exists()
