@@ -270,3 +270,42 @@ def test_the_demo_tunes_scores_and_summarises(ray_local, tmp_path, capsys):
     assert "== 2/3 tune round 0" in out and "tuned round 0" in out and "promoted" in out
     assert "demo done: round 0's best trial has test AUROC 0." in out
     assert (tmp_path / "demo" / "rounds" / "r000" / "scores.parquet").exists()
+
+
+@pytest.mark.slow
+def test_a_trial_whose_worker_dies_is_retried_and_finishes(ray_local, synthetic_ws, tmp_path):
+    """FailureConfig: the worker process of a running trial is killed; the trial starts again and completes."""
+    import os
+    import signal
+    import threading
+
+    from aae_ray.tuning.runner import run_tune
+
+    shutil.copytree(synthetic_ws, tmp_path / "ws")
+    ws = Workspace.open(tmp_path / "ws")
+    spec = parse_spec({"num_samples": 1, "max_concurrent": 1, "max_failures": 2, "scheduler": {"asha": False},
+                       "report": {"anomaly_ratio_sweep": False}, "space": {"latent_dim": {"choice": [6]}},
+                       "fixed": {**TINY_FIXED, "epochs": 8}})
+    killed: list[int] = []
+
+    def kill_the_worker_after_its_first_epoch() -> None:
+        for _ in range(600):
+            for result in (ws.round_dir(0) / "tune").glob("train_trial_*/result.json"):
+                lines = result.read_text().splitlines()
+                if lines:
+                    pid = json.loads(lines[0])["pid"]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            threading.Event().wait(0.1)
+
+    watcher = threading.Thread(target=kill_the_worker_after_its_first_epoch, daemon=True)
+    watcher.start()
+    outcome = run_tune(ws, spec, round_no=0, echo=lambda _: None)
+    watcher.join(timeout=1)
+    assert killed, "the trial never reported an epoch"
+    assert [r.status for r in outcome.rows] == ["complete"]
+    results = [json.loads(line) for line in next((ws.round_dir(0) / "tune").glob("train_trial_*/result.json"))
+               .read_text().splitlines()]
+    assert {r["pid"] for r in results} - set(killed)  # a new worker finished the trial
+    assert results[-1]["epoch"] == 8

@@ -77,7 +77,7 @@ def _objective(det: Detector, X: np.ndarray, y: np.ndarray, source: str) -> dict
 
 def _epoch_metrics(log: EpochLog) -> dict[str, Any]:
     return {"epoch": log.epoch, "images_per_s": log.images_per_s, "threads": torch.get_num_threads(),
-            "node": ray.get_runtime_context().get_node_id(),
+            "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
             **{f"loss_{k}": v for k, v in log.losses.items()}}
 
 
