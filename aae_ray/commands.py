@@ -79,8 +79,14 @@ def tune(args: argparse.Namespace) -> int:
     from aae_ray.tuning.spec import default_spec_path, load_spec
 
     ws = Workspace.open(args.workspace)
-    spec = load_spec(args.config or default_spec_path(), num_samples=args.num_samples,
-                     max_concurrent=args.max_concurrent)
+    if args.resume:
+        spec = None  # the round's saved spec: its trials were sampled from it
+        if args.config or args.num_samples or args.max_concurrent:
+            print("note: --resume continues with the spec the round started with; --config, --num-samples and "
+                  "--max-concurrent are ignored")
+    else:
+        spec = load_spec(args.config or default_spec_path(), num_samples=args.num_samples,
+                         max_concurrent=args.max_concurrent)
     round_no = args.round if args.round is not None else _tune_round(ws, args.resume)
     start = time.perf_counter()
     try:
@@ -89,6 +95,7 @@ def tune(args: argparse.Namespace) -> int:
         print(f"interrupted; the experiment in {experiment_dir(ws, round_no)} is resumable: "
               f"aae-ray tune {ws.root} --resume", file=sys.stderr)
         return 130
+    spec = out.spec
     print(f"{'trial':>10}  {'status':<10} {spec.metric:>9}  epochs  params")
     for r in ranked(out.rows, spec)[:10]:
         params = " ".join(f"{k}={_short(v)}" for k, v in r.params.items())

@@ -10,6 +10,7 @@ and the Optuna study (sqlite, in the experiment folder) gets no duplicates.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from aae_ray import artifacts  # noqa: E402
 from aae_ray.tuning.round_report import write_report  # noqa: E402
-from aae_ray.tuning.spec import TuneSpec  # noqa: E402
+from aae_ray.tuning.spec import TuneSpec, parse_spec  # noqa: E402
 from aae_ray.tuning.trainable import train_trial  # noqa: E402
 from aae_ray.tuning.trial_data import TrialData, build_trial_data  # noqa: E402
 from aae_ray.workflow import evaluate, fingerprint_ids  # noqa: E402
@@ -45,6 +46,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 logging.getLogger("ray.tune").setLevel(logging.WARNING)  # its INFO lines repeat what ProgressLines says
 EXPERIMENT = "tune"  # WS/rounds/rNNN/tune/
 STUDY_FILE = "optuna.sqlite3"
+SPEC_FILE = "tune_spec.json"  # WS/rounds/rNNN/tune_spec.json: what --resume continues with
 
 
 class TuneError(RuntimeError):
@@ -72,6 +74,7 @@ class TuneOutcome:
     interrupted: bool = False
     objective_source: str = "val"
     report: Path | None = None
+    spec: TuneSpec | None = None
 
 
 def study_name(round_no: int) -> str:
@@ -96,7 +99,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
-def run_tune(ws: Workspace, spec: TuneSpec, *, round_no: int, address: str | None = None, resume: bool = False,
+def run_tune(ws: Workspace, spec: TuneSpec | None, *, round_no: int, address: str | None = None, resume: bool = False,
              initial_points: list[dict[str, Any]] | None = None, echo: Echo = print) -> TuneOutcome:
     exp = experiment_dir(ws, round_no)
     if resume and not tune.Tuner.can_restore(str(exp)):
@@ -104,6 +107,13 @@ def run_tune(ws: Workspace, spec: TuneSpec, *, round_no: int, address: str | Non
     if not resume and exp.exists() and tune.Tuner.can_restore(str(exp)):
         raise TuneError(f"round {round_no} already has a tune experiment in {exp}; "
                         f"pass --resume to continue it, or remove that folder to start over")
+    if resume:  # the trials in the experiment were sampled from the spec the round started with
+        spec = parse_spec(json.loads((exp.parent / SPEC_FILE).read_text()), where=str(exp.parent / SPEC_FILE))
+    elif spec is None:
+        raise TuneError("a new tuning run needs a spec")
+    else:
+        exp.mkdir(parents=True, exist_ok=True)
+        write_text(exp.parent / SPEC_FILE, json.dumps(spec.model_dump(by_alias=True, exclude_none=True), indent=2))
     start = time.perf_counter()
     data = build_trial_data(ws, spec.values("input_size"), seed=spec.searcher.seed)
     n_def = int(data.y.sum())
@@ -117,13 +127,12 @@ def run_tune(ws: Workspace, spec: TuneSpec, *, round_no: int, address: str | Non
         echo(f"resuming {exp}")
         tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-        exp.mkdir(parents=True, exist_ok=True)
         tuner = _new_tuner(spec, trainable, exp, round_no, initial_points or [], echo)
     grid = tuner.fit()
     rows = _rows(grid, spec)
     interrupted = any(r.status == "unfinished" for r in rows) or len(rows) < spec.num_samples
     outcome = TuneOutcome(round_no, exp, rows, _best(rows, spec), interrupted=interrupted,
-                          objective_source=data.objective_source)
+                          objective_source=data.objective_source, spec=spec)
     if outcome.best is not None and not interrupted:
         outcome.metrics = export_best(ws, outcome, data, spec)
         if ws.current() is None:
@@ -283,8 +292,6 @@ def ranked(rows: list[TrialRow], spec: TuneSpec) -> list[TrialRow]:
 
 
 def _summary_json(outcome: TuneOutcome, spec: TuneSpec, seconds: float) -> str:
-    import json
-
     counts: dict[str, int] = {}
     for r in outcome.rows:
         counts[r.status] = counts.get(r.status, 0) + 1
