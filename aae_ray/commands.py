@@ -121,13 +121,14 @@ def tune(args: argparse.Namespace) -> int:
 
 
 def _tune_round(ws: Workspace, resume: bool) -> int:
-    rounds = ws.rounds()
+    from aae_ray.tuning.runner import next_round
+
     if resume:
-        tuned = [n for n in rounds if (ws.round_dir(n) / "tune").exists()]
+        tuned = [n for n in ws.rounds() if (ws.round_dir(n) / "tune").exists()]
         if not tuned:
             raise ValueError(f"nothing to resume: no round in {ws.root} has a tune experiment")
         return tuned[-1]
-    return rounds[-1] + 1 if rounds else 0
+    return next_round(ws)
 
 
 def score(args: argparse.Namespace) -> int:

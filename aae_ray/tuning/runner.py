@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,7 +83,19 @@ def study_name(round_no: int) -> str:
 
 
 def experiment_dir(ws: Workspace, round_no: int) -> Path:
-    return ws.round_dir(round_no) / EXPERIMENT
+    # Absolute: Ray Tune reads a relative storage path as a URI and fails ("URI has empty scheme").
+    return (ws.round_dir(round_no) / EXPERIMENT).absolute()
+
+
+def next_round(ws: Workspace) -> int:
+    """The round a new run tunes: after the last one, or the last one again if it never got a model or a
+    resumable experiment (a run that failed before Tune started)."""
+    rounds = ws.rounds()
+    if not rounds:
+        return 0
+    last = rounds[-1]
+    unused = not ws.model_dir(last).exists() and not tune.Tuner.can_restore(str(experiment_dir(ws, last)))
+    return last if unused else last + 1
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
@@ -93,10 +106,25 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         # Ray 2.60 clusters started with `ray start` use token auth; without this every call is refused.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init(address=address, log_to_driver=False)
+        _check_reachable(address)  # Ray itself retries an unreachable address for about 14 minutes
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as exc:
+            raise TuneError(f"cannot join the Ray cluster at {address}: {exc}") from exc
     else:
         # "local": a fresh Ray of our own, never a cluster some earlier `ray start` left on this machine.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise TuneError(f"no Ray cluster answers at {address} ({exc}); check the address, or start one with "
+                        f"`ray start --head`") from exc
 
 
 def run_tune(ws: Workspace, spec: TuneSpec | None, *, round_no: int, address: str | None = None, resume: bool = False,
@@ -111,9 +139,6 @@ def run_tune(ws: Workspace, spec: TuneSpec | None, *, round_no: int, address: st
         spec = parse_spec(json.loads((exp.parent / SPEC_FILE).read_text()), where=str(exp.parent / SPEC_FILE))
     elif spec is None:
         raise TuneError("a new tuning run needs a spec")
-    else:
-        exp.mkdir(parents=True, exist_ok=True)
-        write_text(exp.parent / SPEC_FILE, json.dumps(spec.model_dump(by_alias=True, exclude_none=True), indent=2))
     start = time.perf_counter()
     data = build_trial_data(ws, spec.values("input_size"), seed=spec.searcher.seed)
     n_def = int(data.y.sum())
@@ -121,6 +146,11 @@ def run_tune(ws: Workspace, spec: TuneSpec | None, *, round_no: int, address: st
          f"images; {data.describe()}")
     connect(address)
     echo(f"ray: {_cluster_line()}")
+    if not resume:  # only now, so a run that could not start leaves nothing behind
+        if exp.exists():  # a run that died before Tune saved any state: its study must not leak into this one
+            shutil.rmtree(exp)
+        exp.mkdir(parents=True)
+        write_text(exp.parent / SPEC_FILE, json.dumps(spec.model_dump(by_alias=True, exclude_none=True), indent=2))
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data),
                                     {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if resume:
@@ -238,7 +268,7 @@ def sweep_anomaly_ratio(ws: Workspace, spec: TuneSpec, outcome: TuneOutcome, tra
     if not ratios_left:
         return {}
     echo(f"anomaly-ratio sweep: best config at anomaly_ratio {', '.join(f'{r:g}' for r in ratios_left)}")
-    folder = ws.round_dir(outcome.round_no) / "sweep"
+    folder = (ws.round_dir(outcome.round_no) / "sweep").absolute()
     if folder.exists():
         shutil.rmtree(folder)
     grid = tune.Tuner(
