@@ -197,14 +197,14 @@ def _f(x: float | None) -> str:
 def write(out: Path, doc: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune.json").write_text(json.dumps(doc, indent=2) + "\n")
-    lines = ["# Tuning benchmarks (`python bench/tune.py`)", "", f"Machine: {doc['machine']}  ", f"Code: {COMMIT}  ",
+    lines = ["# Tuning benchmarks (`python bench/tune.py`)", "", f"Machine: {doc['machine']}  ",
              f"Data: Fashion-MNIST class 0 normal, {doc['n_train']} training normals, {doc['n_val']} val images, "
              f"{doc['n_test']} test images.", ""]
     tp = doc.get("trial_vs_bare_throughput_detail")
     if tp:
         lines += ["## Training throughput inside a Tune trial vs a bare process (target >= 0.95)", "",
                   f"{tp['threads']} thread(s), {tp['epochs']} epochs, median of epochs 2+ then of "
-                  f"{len(tp['bare_images_per_s'])} alternating runs.", "",
+                  f"{len(tp['bare_images_per_s'])} alternating runs (code {tp.get('commit')}).", "",
                   "| run | bare img/s | trial img/s |", "|---|---|---|"]
         lines += [f"| {i + 1} | {b:,.0f} | {t:,.0f} |" for i, (b, t) in
                   enumerate(zip(tp["bare_images_per_s"], tp["trial_images_per_s"], strict=True))]
@@ -212,7 +212,8 @@ def write(out: Path, doc: dict) -> None:
     cc = doc.get("concurrent_wall_ratio_detail")
     if cc:
         lines += ["## 8 trials on 2 cores: 2 at once (1 thread each) vs 1 at a time (2 threads) (target <= 0.60)",
-                  "", "| run | 2 x 1 thread (s) | 1 x 2 threads (s) |", "|---|---|---|"]
+                  "", f"Code {cc.get('commit')}, {cc['epochs']} epochs a trial.", "",
+                  "| run | 2 x 1 thread (s) | 1 x 2 threads (s) |", "|---|---|---|"]
         lines += [f"| {i + 1} | {a:.1f} | {b:.1f} |" for i, (a, b) in
                   enumerate(zip(cc["two_concurrent_1_thread_s"], cc["one_at_a_time_2_threads_s"], strict=True))]
         lines += ["", f"**concurrent_wall_ratio = {doc['concurrent_wall_ratio']:.3f}**", ""]
@@ -220,10 +221,10 @@ def write(out: Path, doc: dict) -> None:
     if sq:
         lines += [f"## TPE vs random search ({sq['seeds']} seeds, {sq['epochs']} epochs a trial, ASHA)", "",
                   "Best val AUROC among the first k trials that ran all epochs, and that winner's test AUROC "
-                  "(medians over seeds).", "",
+                  f"(medians over seeds; code {sq.get('commit')}).", "",
                   "| trials | TPE val | random val | TPE test | random test |", "|---|---|---|---|---|"]
         for k in sq["budgets"]:
-            t, r = sq["summary"]["tpe"][k], sq["summary"]["random"][k]
+            t, r = (sq["summary"][alg].get(k) or sq["summary"][alg][str(k)] for alg in ("tpe", "random"))
             lines.append(f"| {k} | {_f(t['median_best_val_auroc'])} | {_f(r['median_best_val_auroc'])} | "
                          f"{_f(t['median_test_auroc'])} | {_f(r['median_test_auroc'])} |")
         lines.append("")
@@ -243,6 +244,7 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=4, help="epochs a trial (search); throughput/concurrency use 3")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--merge", action="store_true", help="keep the other parts' results already in --out")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
 
@@ -257,25 +259,31 @@ def main() -> None:
         tmp = Path(tmp_str)
         ws = make_workspace(tmp / "ws", args.n_train, args.n_val)
         splits = ws.images().column("split").to_pylist()
-        doc: dict = {"machine": machine(), "commit": COMMIT, "n_train": splits.count("train"),
-                     "n_val": splits.count("val"), "n_test": splits.count("test")}
+        # Parts run separately (e.g. the long search in the background, the timings on an idle machine) are
+        # merged into one result file; each part records the commit it ran.
+        previous = args.out / "tune.json"
+        doc: dict = json.loads(previous.read_text()) if previous.exists() and args.merge else {}
+        doc.update({"machine": machine(), "n_train": splits.count("train"), "n_val": splits.count("val"),
+                    "n_test": splits.count("test")})
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         trainable = tune.with_parameters(train_trial, data=build_trial_data(ws, [32]))
         if "throughput" in parts:
             print("1/3 throughput: trial vs bare process", flush=True)
             tp = throughput(ws, trainable, args.repeats, epochs=3, threads=2, tmp=tmp)
-            doc["trial_vs_bare_throughput"], doc["trial_vs_bare_throughput_detail"] = tp["ratio"], tp
+            doc["trial_vs_bare_throughput"] = tp["ratio"]
+            doc["trial_vs_bare_throughput_detail"] = {**tp, "commit": COMMIT}
             write(args.out, doc)
         if "concurrency" in parts:
             print("2/3 concurrency: 8 trials, 2 x 1 thread vs 1 x 2 threads", flush=True)
             cc = concurrency(trainable, args.repeats, epochs=3, tmp=tmp)
-            doc["concurrent_wall_ratio"], doc["concurrent_wall_ratio_detail"] = cc["ratio"], cc
+            doc["concurrent_wall_ratio"] = cc["ratio"]
+            doc["concurrent_wall_ratio_detail"] = {**cc, "commit": COMMIT}
             write(args.out, doc)
         if "search" in parts:
             print("3/3 search quality: TPE vs random", flush=True)
-            doc["search_quality"] = search_quality(ws, args.seeds, [int(b) for b in args.budgets.split(",")],
-                                                   args.epochs)
-        doc["seconds"] = round(time.perf_counter() - start)
+            doc["search_quality"] = {**search_quality(ws, args.seeds, [int(b) for b in args.budgets.split(",")],
+                                                      args.epochs), "commit": COMMIT}
+        doc[f"seconds_{'_'.join(sorted(parts))}"] = round(time.perf_counter() - start)
         write(args.out, doc)
     print(json.dumps({k: doc.get(k) for k in ("trial_vs_bare_throughput", "concurrent_wall_ratio")}))
 
