@@ -35,6 +35,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from aae_ray import artifacts  # noqa: E402
+from aae_ray.tuning.atomic_fs import atomic_local_filesystem  # noqa: E402
 from aae_ray.tuning.round_report import write_report  # noqa: E402
 from aae_ray.tuning.spec import TuneSpec, parse_spec  # noqa: E402
 from aae_ray.tuning.trainable import train_trial  # noqa: E402
@@ -47,6 +48,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 logging.getLogger("ray.tune").setLevel(logging.WARNING)  # its INFO lines repeat what ProgressLines says
 EXPERIMENT = "tune"  # WS/rounds/rNNN/tune/
 STUDY_FILE = "optuna.sqlite3"
+STORAGE = atomic_local_filesystem()  # a kill -9 while Tune saves its state must not leave empty files
 SPEC_FILE = "tune_spec.json"  # WS/rounds/rNNN/tune_spec.json: what --resume continues with
 
 
@@ -87,6 +89,10 @@ def experiment_dir(ws: Workspace, round_no: int) -> Path:
     return (ws.round_dir(round_no) / EXPERIMENT).absolute()
 
 
+def restorable(exp: Path) -> bool:
+    return exp.exists() and tune.Tuner.can_restore(str(exp), storage_filesystem=STORAGE)
+
+
 def next_round(ws: Workspace) -> int:
     """The round a new run tunes: after the last one, or the last one again if it never got a model or a
     resumable experiment (a run that failed before Tune started)."""
@@ -94,7 +100,7 @@ def next_round(ws: Workspace) -> int:
     if not rounds:
         return 0
     last = rounds[-1]
-    unused = not ws.model_dir(last).exists() and not tune.Tuner.can_restore(str(experiment_dir(ws, last)))
+    unused = not ws.model_dir(last).exists() and not restorable(experiment_dir(ws, last))
     return last if unused else last + 1
 
 
@@ -130,9 +136,9 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 def run_tune(ws: Workspace, spec: TuneSpec | None, *, round_no: int, address: str | None = None, resume: bool = False,
              initial_points: list[dict[str, Any]] | None = None, echo: Echo = print) -> TuneOutcome:
     exp = experiment_dir(ws, round_no)
-    if resume and not tune.Tuner.can_restore(str(exp)):
+    if resume and not restorable(exp):
         raise TuneError(f"nothing to resume: no tune experiment in {exp}")
-    if not resume and exp.exists() and tune.Tuner.can_restore(str(exp)):
+    if not resume and exp.exists() and restorable(exp):
         raise TuneError(f"round {round_no} already has a tune experiment in {exp}; "
                         f"pass --resume to continue it, or remove that folder to start over")
     if resume:  # the trials in the experiment were sampled from the spec the round started with
@@ -155,7 +161,8 @@ def run_tune(ws: Workspace, spec: TuneSpec | None, *, round_no: int, address: st
                                     {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if resume:
         echo(f"resuming {exp}")
-        tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   storage_filesystem=STORAGE)
     else:
         tuner = _new_tuner(spec, trainable, exp, round_no, initial_points or [], echo)
     grid = tuner.fit()
@@ -200,7 +207,7 @@ def _new_tuner(spec: TuneSpec, trainable, exp: Path, round_no: int, initial_poin
                                     num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent,
                                     reuse_actors=True),
         run_config=tune.RunConfig(
-            name=EXPERIMENT, storage_path=str(exp.parent), verbose=0,
+            name=EXPERIMENT, storage_path=str(exp.parent), storage_filesystem=STORAGE, verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[ProgressLines(spec, echo)],
@@ -275,8 +282,8 @@ def sweep_anomaly_ratio(ws: Workspace, spec: TuneSpec, outcome: TuneOutcome, tra
         trainable,
         param_space={**base, "anomaly_ratio": tune.grid_search(ratios_left)},
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(name="sweep", storage_path=str(folder.parent), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
+        run_config=tune.RunConfig(name="sweep", storage_path=str(folder.parent), storage_filesystem=STORAGE,
+                                  verbose=0, failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
     ).fit()
     out = {float(best.params["anomaly_ratio"]): best.checkpoint}
     for result in grid:

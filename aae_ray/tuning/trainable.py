@@ -33,6 +33,10 @@ INJECT_NAN_ENV = "AAE_RAY_INJECT_NAN"
 
 
 def train_trial(params: dict[str, Any], data: TrialData) -> None:
+    if tune.get_checkpoint() is not None:
+        # Only the last epoch saves a model, so a trial restored with one had finished (a resume after a kill
+        # that landed just as it reported): Tune keeps its last result, training again would only repeat it.
+        return
     trial_dir = Path(tune.get_context().get_trial_dir())
     marker = trial_dir / DIVERGED_MARKER
     if marker.exists():  # a retry of a diverged trial: training is deterministic, fail at once with its reason
