@@ -218,7 +218,7 @@ def write(out: Path, doc: dict) -> None:
             continue
         lines += [f"## 8 trials on 2 cores, {what}: 2 at once (1 thread each) vs 1 at a time (2 threads) "
                   "(target <= 0.60)", "", f"Code {cc.get('commit')}, {cc['epochs']} epochs a trial, model "
-                  f"{cc.get('shape')}.", "", "| run | 2 x 1 thread (s) | 1 x 2 threads (s) |", "|---|---|---|"]
+                  f"{cc.get('shape', SHAPE)}.", "", "| run | 2 x 1 thread (s) | 1 x 2 threads (s) |", "|---|---|---|"]
         lines += [f"| {i + 1} | {a:.1f} | {b:.1f} |" for i, (a, b) in
                   enumerate(zip(cc["two_concurrent_1_thread_s"], cc["one_at_a_time_2_threads_s"], strict=True))]
         lines += ["", f"**{key} = {doc[key]:.3f}**", ""]
