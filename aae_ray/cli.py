@@ -9,6 +9,7 @@ from pathlib import Path
 
 from aae_ray import __version__
 
+POLICIES = ("highest", "diverse", "uncertain")  # aae_ray.queue.POLICIES, spelled here so --help stays fast
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError)
 
 
@@ -55,7 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = sub.add_parser("score", help="score the pool with the promoted model; write the queue")
     score.add_argument("workspace", type=Path)
+    score.add_argument("--policy", choices=POLICIES, default="highest", help="queue order (default: highest T2)")
     score.add_argument("--top", type=int, default=10, help="how many suspects to print")
+
+    rnd = sub.add_parser("round", help="labels -> tune -> compare -> promote if better -> new queue")
+    rnd.add_argument("workspace", type=Path)
+    rnd.add_argument("--config", type=Path, help="tuning spec (default: tune_configs/default.yaml)")
+    rnd.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start Ray here)")
+    rnd.add_argument("--num-samples", type=int, help="number of trials (overrides the spec)")
+    rnd.add_argument("--policy", choices=POLICIES, default="highest", help="queue order (default: highest T2)")
+
+    sim = sub.add_parser("simulate", help="answer the queue from the import's truth and run rounds, to measure")
+    sim.add_argument("workspace", type=Path)
+    sim.add_argument("--rounds", type=int, required=True)
+    sim.add_argument("--labels-per-round", type=int, required=True)
+    sim.add_argument("--config", type=Path, help="tuning spec (default: tune_configs/default.yaml)")
+    sim.add_argument("--num-samples", type=int, help="number of trials a round (overrides the spec)")
+    sim.add_argument("--policy", choices=POLICIES, default="highest", help="queue order (default: highest T2)")
 
     status = sub.add_parser("status", help="rounds, metrics, labels, current model")
     status.add_argument("workspace", type=Path)
@@ -73,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from aae_ray import commands  # imported late: torch takes seconds and --help should not wait
 
     try:
-        return getattr(commands, args.command)(args)
+        return getattr(commands, {"round": "round_"}.get(args.command, args.command))(args)
     except KeyboardInterrupt:
         print("aae-ray: interrupted", file=sys.stderr)
         return 130

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from aae_ray import artifacts
 from aae_ray.config import load_config
-from aae_ray.dataset import labeled_arrays
 from aae_ray.labels import current_labels
 from aae_ray.workflow import score_pool, train_round
 from aae_ray.workspace import Workspace
@@ -133,13 +132,56 @@ def _tune_round(ws: Workspace, resume: bool) -> int:
 
 def score(args: argparse.Namespace) -> int:
     ws = Workspace.open(args.workspace)
-    path, table = score_pool(ws)
+    path, table = score_pool(ws, policy=args.policy)
     rows = table.to_pylist()
     for r in rows[: args.top]:
         print(f"  #{r['rank']:<4} {r['id']}  T2 {r['t2']:9.2f}  p {r['p_value']:.2e}"
               + ("  ANOMALY" if r["anomaly"] else ""))
     flagged = sum(r["anomaly"] for r in rows)
     print(f"scored {len(rows)} pool images, {flagged} above the threshold; queue in {path}")
+    return 0
+
+
+def round_(args: argparse.Namespace) -> int:  # `round` would shadow the builtin
+    from aae_ray.rounds import run_round
+    from aae_ray.tuning.spec import default_spec_path, load_spec
+
+    ws = Workspace.open(args.workspace)
+    spec = load_spec(args.config or default_spec_path(), num_samples=args.num_samples)
+    start = time.perf_counter()
+    out = run_round(ws, spec, address=args.address, policy=args.policy)
+    labels = Counter(current_labels(ws.labels_dir).values())
+    print(f"round {out.round_no} in {time.perf_counter() - start:.0f} s: "
+          f"{'promoted' if out.promoted else 'kept the current model'} ({out.reason}); test AUROC "
+          f"{_fmt(out.metrics.get('test_auroc'))}; labels so far {dict(labels) or 'none'}; queue in {out.queue}")
+    return 0
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from aae_ray.rounds import answer_queue, latest_queue, run_round
+    from aae_ray.tuning.spec import default_spec_path, load_spec
+
+    if args.rounds < 1 or args.labels_per_round < 1:
+        raise ValueError("--rounds and --labels-per-round must be at least 1")
+    ws = Workspace.open(args.workspace)
+    spec = load_spec(args.config or default_spec_path(), num_samples=args.num_samples)
+    if latest_queue(ws) is None:
+        print("no queue yet: a first round tunes a model and scores the pool")
+        run_round(ws, spec, policy=args.policy)
+    history = []
+    for i in range(1, args.rounds + 1):
+        batch = answer_queue(ws, args.labels_per_round)
+        print(f"== simulated labels {i}/{args.rounds}: oracle labeled {len(batch.ids)} of round {batch.round_no}'s "
+              f"queue, {batch.n_defects} defects ({batch.n_left} unlabeled left)")
+        out = run_round(ws, spec, policy=args.policy)
+        m = artifacts.read_metrics(ws.current_model_dir())
+        history.append((batch.n_defects, len(batch.ids), m.get("test_auroc")))
+        print(f"   round {out.round_no}: {'promoted' if out.promoted else 'kept'} ({out.reason}); current model's "
+              f"test AUROC {_fmt(m.get('test_auroc'))}")
+    found = sum(h[0] for h in history)
+    spent = sum(h[1] for h in history)
+    print(f"simulated {args.rounds} round(s): {found} defects in {spent} labels; current model's test AUROC by "
+          f"round: {', '.join(_fmt(h[2]) for h in history)}")
     return 0
 
 
@@ -168,22 +210,25 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_LABELS = 20
+
+
 def demo(args: argparse.Namespace) -> int:
     """Synthetic solder joints -> tune (tune_configs/default.yaml) -> score -> summary. Safe to re-run: the
     import is idempotent and each run tunes a new round."""
     ws_dir: Path = args.workspace
-    print(f"== 1/3 init {ws_dir}")
+    print(f"== 1/4 init {ws_dir}")
     init(argparse.Namespace(workspace=ws_dir, source="synthetic", seed=args.seed, n_normal=800, n_defect=80,
                             size=128))
     ws = Workspace.open(ws_dir)
     round_no = _tune_round(ws, resume=False)
-    print(f"== 2/3 tune round {round_no} (tune_configs/default.yaml: Ray Tune + Optuna TPE + ASHA on this machine)")
+    print(f"== 2/4 tune round {round_no} (tune_configs/default.yaml: Ray Tune + Optuna TPE + ASHA on this machine)")
     code = tune(argparse.Namespace(workspace=ws_dir, config=args.config, address=None, num_samples=args.num_samples,
                                    max_concurrent=None, round=round_no, resume=False))
     if code != 0:
         return code
     m = artifacts.read_metrics(ws.model_dir(round_no))
-    print("== 3/3 score the pool with the promoted model")
+    print("== 3/4 score the pool with the promoted model")
     path, table = score_pool(ws)
     truth = dict(zip(table.column("id").to_pylist(), _pool_truth(ws, table), strict=True))
     top = table.slice(0, 10).to_pylist()
@@ -192,9 +237,19 @@ def demo(args: argparse.Namespace) -> int:
         kind = {1: "defect", 0: "normal", None: "?"}[truth[r["id"]]]
         print(f"  #{r['rank']:<3} {r['id']}  T2 {r['t2']:8.2f}  {kind}")
     hits = sum(truth[r["id"]] == 1 for r in top)
-    test = labeled_arrays(ws, "test", m["config"]["input_size"])
-    print(f"demo done: round {round_no}'s best trial has test AUROC {_fmt(m['test_auroc'])} on {len(test)} images, "
-          f"{hits}/10 of the top pool suspects are real defects; queue in {path}")
+    print(f"== 4/4 a simulated labeler answers the first {DEMO_LABELS} of the queue, then a round retrains on them")
+    from aae_ray.rounds import answer_queue, run_round
+    from aae_ray.tuning.spec import default_spec_path, load_spec
+
+    batch = answer_queue(ws, DEMO_LABELS)
+    print(f"the labeler confirmed {batch.n_defects} defects and {len(batch.ids) - batch.n_defects} normals")
+    spec = load_spec(args.config or default_spec_path(), num_samples=args.num_samples)
+    out = run_round(ws, spec)
+    after = artifacts.read_metrics(ws.current_model_dir())
+    print(f"round {out.round_no}: {'promoted' if out.promoted else 'kept the current model'} ({out.reason})")
+    print(f"demo done: round {round_no}'s best trial had test AUROC {_fmt(m['test_auroc'])} and {hits}/10 real "
+          f"defects among its top pool suspects; labeling found {batch.n_defects} defects in {len(batch.ids)} "
+          f"labels; the promoted model's test AUROC is now {_fmt(after.get('test_auroc'))}; queue in {out.queue}")
     return 0
 
 

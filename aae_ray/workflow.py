@@ -68,18 +68,22 @@ def evaluate(ws: Workspace, det: Detector) -> dict[str, Any]:
     return out
 
 
-def score_pool(ws: Workspace) -> tuple[Path, pa.Table]:
-    """Score the pool with the promoted model; write `rounds/rNNN/scores.parquet`, rank 1 = most suspicious."""
+def score_pool(ws: Workspace, *, round_no: int | None = None, policy: str = "highest") -> tuple[Path, pa.Table]:
+    """Score the pool with the promoted model and write the labeling queue, rank 1 first, to
+    `rounds/rNNN/scores.parquet` (the given round's, else the promoted model's). The policy orders the queue
+    (aae_ray.queue): highest T2 first, diverse in latent space, or closest to the threshold."""
+    from aae_ray.queue import queue_order
+
     det = artifacts.load(ws.current_model_dir())
-    cur = ws.current()
     pool = pool_arrays(ws, det.config.input_size)
     s = det.score(pool.X)  # an empty pool gives empty scores
-    order = np.argsort(-s.t2, kind="stable")
+    codes = det.encode(pool.X) if policy == "diverse" else None
+    order = queue_order(s.t2, codes, det.threshold_, policy)
     rank = np.empty(len(s.t2), dtype=np.int32)
     rank[order] = np.arange(1, len(s.t2) + 1)
     table = pa.table({"id": pool.ids, "t2": s.t2, "p_value": s.p_value, "anomaly": s.anomaly, "rank": rank},
                      schema=SCORES_SCHEMA).take(order)
-    path = ws.round_dir(cur["round"]) / "scores.parquet"
+    path = ws.round_dir(ws.current()["round"] if round_no is None else round_no) / "scores.parquet"
     write_table_with(table, path, SCORES_SCHEMA)
     return path, table
 

@@ -188,7 +188,11 @@ def _new_tuner(spec: TuneSpec, trainable, exp: Path, round_no: int, initial_poin
     s = spec.searcher
     sampler = (optuna.samplers.RandomSampler(seed=s.seed) if s.algorithm == "random"
                else optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials))
-    points = [{k: p[k] for k in spec.space if k in p} for p in initial_points]
+    # Ray's OptunaSearch wants every searched key in a start point, each a value the space can take.
+    points = [{k: p[k] for k in spec.space} for p in initial_points
+              if all(k in p and dim.contains(p[k]) for k, dim in spec.space.items())]
+    if len(points) < len(initial_points):
+        echo(f"{len(initial_points) - len(points)} start point(s) left out: outside this spec's space")
     searcher = OptunaSearch(sampler=sampler, study_name=study_name(round_no), storage=storage,
                             points_to_evaluate=points or None)
     if spec.scheduler.asha:

@@ -64,6 +64,13 @@ class Dimension(_Strict):
             return list(self.choice)
         return list(self.int_ or self.uniform or self.loguniform)  # type: ignore[arg-type]
 
+    def contains(self, value: Any) -> bool:
+        """Whether a value (e.g. the previous round's) is one this dimension can take."""
+        if self.choice is not None:
+            return value in self.choice
+        lo, hi = self.int_ or self.uniform or self.loguniform  # type: ignore[misc]
+        return isinstance(value, int | float) and lo <= value <= hi and (self.int_ is None or value == int(value))
+
     def to_tune(self):
         from ray import tune
 

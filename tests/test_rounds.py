@@ -1,0 +1,79 @@
+"""Rounds: the simulated labeler answers the queue, a round tunes from the labels, compares and promotes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import run_cli
+
+from aae_ray import rounds
+from aae_ray.labels import current_labels, read_events
+from aae_ray.tuning.spec import parse_spec
+from aae_ray.workspace import Workspace
+
+TINY_SPEC = {"num_samples": 2, "max_concurrent": 2, "scheduler": {"asha": False},
+             "report": {"anomaly_ratio_sweep": False},
+             "space": {"latent_dim": {"choice": [4, 8]}, "anomaly_ratio": {"choice": [0, 0.02]}},
+             "fixed": {"epochs": 2, "batch_size": 64, "base_channels": 8, "fc_units": 32, "input_size": 32}}
+
+
+@pytest.fixture
+def scored_copy(scored_ws, tmp_path) -> Workspace:
+    shutil.copytree(scored_ws, tmp_path / "ws")
+    return Workspace.open(tmp_path / "ws")
+
+
+def test_the_simulated_labeler_answers_the_queue_in_order_from_the_truth(scored_copy):
+    ws = scored_copy
+    truth = dict(zip(ws.images().column("id").to_pylist(), ws.images().column("truth").to_pylist(), strict=True))
+    queue = pq.read_table(ws.round_dir(0) / "scores.parquet").column("id").to_pylist()
+    first = rounds.answer_queue(ws, 5)
+    second = rounds.answer_queue(ws, 5)
+    assert first.ids == queue[:5] and second.ids == queue[5:10]  # the queue's order, nothing labeled twice
+    labels = current_labels(ws.labels_dir)
+    assert all(labels[i] == ("defect" if truth[i] == 1 else "normal") for i in queue[:10])
+    assert first.n_defects == sum(truth[i] == 1 for i in queue[:5])
+    events = read_events(ws.labels_dir).to_pylist()
+    assert {e["labeler"] for e in events} == {"oracle"} and {e["round"] for e in events} == {0}
+    assert second.n_left == len(queue) - 10
+
+
+def test_the_simulated_labeler_needs_a_queue(synthetic_ws, tmp_path):
+    shutil.copytree(synthetic_ws, tmp_path / "ws")
+    with pytest.raises(ValueError, match="no labeling queue"):
+        rounds.answer_queue(Workspace.open(tmp_path / "ws"), 5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("new_auc", "promoted"), [(0.9, True), (0.6, False)])
+def test_a_round_promotes_its_model_only_if_it_judges_better(ray_local, scored_copy, monkeypatch, new_auc, promoted):
+    ws = scored_copy
+    seen = {}
+
+    def judge(ws_, dirs, seed):
+        seen["dirs"] = dirs
+        return ([new_auc, 0.8][: len(dirs)], "val")
+
+    monkeypatch.setattr(rounds, "judge", judge)
+    out = rounds.run_round(ws, parse_spec(TINY_SPEC), echo=lambda _: None)
+    assert out.round_no == 1 and out.promoted is promoted
+    assert seen["dirs"] == [ws.model_dir(1), ws.model_dir(0)]  # the new model and the current one, same judge
+    assert ws.current()["round"] == (1 if promoted else 0)
+    assert f"{new_auc:.4f} (round 1)" in out.reason and "0.8000 (round 0)" in out.reason
+    assert out.queue == ws.round_dir(1) / "scores.parquet" and out.queue.exists()  # a new queue either way
+    first = json.loads((ws.round_dir(1) / "tune_spec.json").read_text())
+    assert first["num_samples"] == 2
+
+
+@pytest.mark.slow
+def test_simulate_labels_then_runs_a_round(ray_local, scored_copy, tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(json.dumps(TINY_SPEC))
+    assert run_cli("simulate", scored_copy.root, "--rounds", "1", "--labels-per-round", "6", "--config", spec) == 0
+    out = capsys.readouterr().out
+    assert "oracle labeled 6 of round 0's queue" in out and "simulated 1 round(s)" in out
+    assert len(current_labels(scored_copy.labels_dir)) == 6
+    assert (scored_copy.round_dir(1) / "scores.parquet").exists()
