@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aae_ray import artifacts
 from aae_ray.config import load_config
-from aae_ray.labels import current_labels
+from aae_ray.labels import current_labels, read_events
 from aae_ray.workflow import score_pool, train_round
 from aae_ray.workspace import Workspace
 
@@ -197,14 +197,19 @@ def status(args: argparse.Namespace) -> int:
     labels = Counter(current_labels(ws.labels_dir).values())
     print("  labels: " + (", ".join(f"{k} {v}" for k, v in sorted(labels.items())) or "none yet"))
     cur = ws.current()
+    events = read_events(ws.labels_dir).to_pylist()
     for n in ws.rounds():
         folder = ws.model_dir(n)
+        answered = Counter(e["label"] for e in events if e["round"] == n)
+        on_queue = (" labels on its queue: " + ", ".join(f"{k} {v}" for k, v in sorted(answered.items()))
+                    if answered else "")
         if not (folder / "metrics.json").exists():
-            print(f"  round {n}: no model")
+            print(f"  round {n}: no model{';' if on_queue else ''}{on_queue}")
             continue
         m = artifacts.read_metrics(folder)
         mark = " (current)" if cur and cur["round"] == n else ""
-        print(f"  round {n}{mark}: val AUROC {_fmt(m.get('val_auroc'))}, test AUROC {_fmt(m.get('test_auroc'))}")
+        print(f"  round {n}{mark}: val AUROC {_fmt(m.get('val_auroc'))}, test AUROC {_fmt(m.get('test_auroc'))}"
+              + (f";{on_queue}" if on_queue else ""))
         _print_tune_summary(ws.round_dir(n))
     print(f"current model: {cur['model']} (round {cur['round']})" if cur else "current model: none")
     return 0

@@ -76,4 +76,8 @@ def test_simulate_labels_then_runs_a_round(ray_local, scored_copy, tmp_path, cap
     out = capsys.readouterr().out
     assert "oracle labeled 6 of round 0's queue" in out and "simulated 1 round(s)" in out
     assert len(current_labels(scored_copy.labels_dir)) == 6
+    assert run_cli("status", scored_copy.root) == 0
+    status = capsys.readouterr().out
+    assert "round 0 " in status or "round 0:" in status
+    assert "labels on its queue: " in status  # what the oracle answered on round 0's queue
     assert (scored_copy.round_dir(1) / "scores.parquet").exists()

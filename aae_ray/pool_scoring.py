@@ -1,0 +1,159 @@
+"""Score the pool with Ray Data: the Parquet image table read in blocks, decoded and scored in batches by a pool of
+actors that each load the model artifact once, on a GPU when one is asked for.
+
+Use it for pools too large to decode in one process: `workflow.score_pool` decodes the whole pool into one float32
+array (`dataset.pool_arrays`), which at 1e6 images of 64x64 is 16 GB; the CLI switches to this path above a pool
+size. Only one batch per actor is ever decoded at a time here.
+
+The results equal in-process scoring (`artifacts.load(model_dir).score(pool_arrays(ws, size).X)`) to float
+precision: the same artifact, the same preprocessing (`to_model_input` at the config's `input_size`), the same
+Hotelling statistics. Only the encoder runs (T2, p-values and flags need the latent code alone, not the
+reconstruction). Arrays come back in the order of the pool rows in images.parquet, which is `pool_arrays`' order,
+whatever order Ray Data finishes the batches in.
+
+    scores = score_pool_ray(ws.images_path, ws.current_model_dir(), batch_size=512, num_gpus=0.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from aae_ray import artifacts
+
+POOL = "pool"
+
+
+@dataclass(frozen=True)
+class PoolScores:
+    ids: list[str]
+    t2: np.ndarray  # float64 (N,)
+    p_value: np.ndarray  # float64 (N,)
+    anomaly: np.ndarray  # bool (N,): t2 > the model's threshold
+    codes: np.ndarray | None  # float32 (N, latent_dim) when asked for, else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class _Scorer:
+    """One Ray Data actor: loads the artifact once, then scores batches of (id, PNG bytes) rows."""
+
+    def __init__(self, model_dir: str, with_codes: bool = False):
+        import ray
+        import torch
+
+        self.det = artifacts.load(Path(model_dir))
+        self.with_codes = with_codes
+        if ray.get_gpu_ids() and torch.cuda.is_available():  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU
+            self.det.to("cuda")
+        else:  # one thread per reserved CPU: several actors with torch's default would oversubscribe the cores
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+            torch.set_num_threads(max(1, int(cpus)))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from aae_ray.data.images import to_model_input
+
+        det = self.det
+        X = to_model_input(batch.column("image").to_pylist(), det.config.input_size)
+        codes = det.encode(X)
+        t2 = det.hotelling_.t2(codes)
+        columns = {"id": batch.column("id"), "t2": pa.array(t2, pa.float64()),
+                   "p_value": pa.array(det.hotelling_.p_value(t2), pa.float64()),
+                   "anomaly": pa.array(t2 > det.threshold_, pa.bool_())}
+        if self.with_codes:
+            flat = pa.array(np.ascontiguousarray(codes, dtype=np.float32).reshape(-1), pa.float32())
+            columns["codes"] = pa.FixedSizeListArray.from_arrays(flat, codes.shape[1])
+        return pa.table(columns)
+
+
+def score_pool_ray(images_path: Path, model_dir: Path, *, batch_size: int = 512, concurrency: int | None = None,
+                   num_gpus: float = 0.0, with_codes: bool = False) -> PoolScores:
+    """Score the `pool` rows of `images_path` with the artifact in `model_dir`, on `concurrency` actors (default:
+    one a CPU, or one a `num_gpus` share of the cluster's GPUs), `batch_size` images a call. Starts a local Ray if
+    none is running. Raises FileNotFoundError for a missing file or folder, ArtifactError for a broken model."""
+    images_path, model_dir = Path(images_path), Path(model_dir)
+    if not images_path.is_file():
+        raise FileNotFoundError(f"no image table at {images_path}")
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"no model folder at {model_dir}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if num_gpus < 0:
+        raise ValueError(f"num_gpus must be >= 0, got {num_gpus}")
+    det = artifacts.load(model_dir)  # fail here, clearly, rather than in every actor's constructor
+    latent_dim = det.config.latent_dim
+
+    # The pool ids in file order (ids and splits only, no image bytes): the order of the result, and a check that
+    # every pool row was scored exactly once.
+    index = pq.read_table(images_path, columns=["id", "split"])
+    pool_ids = index.filter(pc.equal(index.column("split"), POOL)).column("id")
+    if len(pool_ids) == 0:
+        return _empty(latent_dim, with_codes)
+
+    import ray
+    from ray.data import ActorPoolStrategy
+    from ray.data.expressions import col, lit
+
+    if not ray.is_initialized():
+        ray.init()
+    if concurrency is None:
+        concurrency = _default_concurrency(ray.cluster_resources(), num_gpus)
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+
+    ds = (
+        ray.data.read_parquet(str(images_path), columns=["id", "image", "split"])
+        .filter(expr=col("split") == lit(POOL))  # pushed down into the Parquet scan
+        .map_batches(
+            _Scorer,
+            fn_constructor_kwargs={"model_dir": str(model_dir), "with_codes": with_codes},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=concurrency),
+            num_gpus=num_gpus or None,
+            udf_modifying_row_count=False,
+        )
+    )
+    ds.context.enable_progress_bars = False
+    refs = ds.to_arrow_refs()
+    result = pa.concat_tables(ray.get(refs)) if refs else None
+    return _in_order(result, pool_ids, latent_dim, with_codes)
+
+
+def _default_concurrency(resources: dict[str, float], num_gpus: float) -> int:
+    if num_gpus > 0:
+        return max(1, int(resources.get("GPU", 0) // num_gpus))
+    return max(1, int(resources.get("CPU", 1)))
+
+
+def _in_order(result: pa.Table | None, pool_ids: pa.ChunkedArray, latent_dim: int, with_codes: bool) -> PoolScores:
+    """The actors' rows rearranged into the pool's file order."""
+    n_result = 0 if result is None else result.num_rows
+    if n_result != len(pool_ids):
+        raise RuntimeError(f"Ray Data returned {n_result} scores for {len(pool_ids)} pool images")
+    where = pc.index_in(pool_ids, value_set=result.column("id"))
+    if where.null_count:
+        raise RuntimeError(f"Ray Data returned no score for {where.null_count} pool images")
+    rows = result.take(where)
+    codes = None
+    if with_codes:
+        codes = rows.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        codes = codes.astype(np.float32, copy=False).reshape(-1, latent_dim)
+    return PoolScores(
+        ids=rows.column("id").to_pylist(),
+        t2=rows.column("t2").to_numpy().astype(np.float64, copy=False),
+        p_value=rows.column("p_value").to_numpy().astype(np.float64, copy=False),
+        anomaly=rows.column("anomaly").to_numpy(zero_copy_only=False).astype(bool, copy=False),
+        codes=codes,
+    )
+
+
+def _empty(latent_dim: int, with_codes: bool) -> PoolScores:
+    return PoolScores([], np.empty(0, np.float64), np.empty(0, np.float64), np.empty(0, bool),
+                      np.empty((0, latent_dim), np.float32) if with_codes else None)

@@ -1,0 +1,91 @@
+"""Ray Data pool scoring gives what in-process scoring gives, in the same order, whatever the batching."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from aae_ray import artifacts
+from aae_ray.dataset import pool_arrays
+from aae_ray.pool_scoring import PoolScores, score_pool_ray
+from aae_ray.workspace import Workspace
+
+
+def in_process(ws: Workspace):
+    det = artifacts.load(ws.current_model_dir())
+    pool = pool_arrays(ws, det.config.input_size)
+    return det, pool, det.score(pool.X)
+
+
+def assert_same(got: PoolScores, ws: Workspace, with_codes: bool) -> None:
+    det, pool, s = in_process(ws)
+    assert len(pool) > 0
+    assert got.ids == pool.ids
+    np.testing.assert_allclose(got.t2, s.t2, rtol=1e-5)
+    np.testing.assert_allclose(got.p_value, s.p_value, rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(got.anomaly, s.anomaly)
+    assert got.t2.dtype == np.float64 and got.anomaly.dtype == bool
+    if with_codes:
+        assert got.codes.shape == (len(pool), det.config.latent_dim)
+        np.testing.assert_allclose(got.codes, det.encode(pool.X), rtol=1e-5, atol=1e-6)
+    else:
+        assert got.codes is None
+
+
+def test_matches_in_process_scoring(scored_ws, ray_local):
+    ws = Workspace.open(scored_ws)
+    got = score_pool_ray(ws.images_path, ws.current_model_dir(), with_codes=True)
+    assert_same(got, ws, with_codes=True)
+
+
+def test_small_batches_on_two_actors_give_the_same_result(scored_ws, ray_local):
+    ws = Workspace.open(scored_ws)
+    got = score_pool_ray(ws.images_path, ws.current_model_dir(), batch_size=7, concurrency=2)
+    assert len(got) > 2 * 7  # several batches, so both actors get work
+    assert_same(got, ws, with_codes=False)
+
+
+def test_empty_pool_gives_empty_scores(trained_ws, tmp_path, ray_local):
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(trained_ws, ws.root)
+    table = pq.read_table(ws.images_path)
+    pq.write_table(table.filter(pc.not_equal(table.column("split"), "pool")), ws.images_path)
+    det = artifacts.load(ws.current_model_dir())
+    got = score_pool_ray(ws.images_path, ws.current_model_dir(), with_codes=True)
+    assert got.ids == [] and len(got) == 0
+    assert got.t2.shape == got.p_value.shape == got.anomaly.shape == (0,)
+    assert got.codes.shape == (0, det.config.latent_dim)
+
+
+def test_missing_inputs_raise_naming_the_path(trained_ws, tmp_path):
+    ws = Workspace.open(trained_ws)
+    missing = tmp_path / "no-model"
+    with pytest.raises(FileNotFoundError, match="no-model"):
+        score_pool_ray(ws.images_path, missing)
+    with pytest.raises(FileNotFoundError, match="nothing.parquet"):
+        score_pool_ray(tmp_path / "nothing.parquet", ws.current_model_dir())
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with pytest.raises(artifacts.ArtifactError, match="broken"):
+        score_pool_ray(ws.images_path, broken)
+
+
+def test_throughput_ray_data_vs_in_process(scored_ws, ray_local, capsys):
+    """Measured, not asserted: on the tiny test pool Ray Data's fixed costs (planning, starting actors, loading the
+    model in each) dominate; it pays off when the pool does not fit one process or a GPU is there."""
+    ws = Workspace.open(scored_ws)
+    t0 = time.perf_counter()
+    _, pool, _ = in_process(ws)
+    t_local = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = score_pool_ray(ws.images_path, ws.current_model_dir(), batch_size=64, concurrency=2)
+    t_ray = time.perf_counter() - t0
+    assert len(got) == len(pool)
+    with capsys.disabled():
+        print(f"\npool of {len(pool)}: in-process {len(pool) / t_local:,.0f} img/s ({t_local:.2f} s), "
+              f"Ray Data (2 actors) {len(pool) / t_ray:,.0f} img/s ({t_ray:.2f} s)")
