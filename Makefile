@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv demo test lint bench-fmnist bench-speed bench-tune fmnist-data clean
+.PHONY: venv demo test lint bench-fmnist bench-speed bench-tune bench-active-learning fmnist-data clean
 
 # (Re)install when the package metadata or the pins change. torch is pinned to the CPU wheel through
 # constraints.txt: unpinned, pip would pull a multi-GB CUDA build.
@@ -45,6 +45,9 @@ clean:
 
 bench-tune: venv fmnist-data
 	$(BIN)/python bench/tune.py
+
+bench-active-learning: venv fmnist-data
+	$(BIN)/python bench/active_learning.py
 
 bench-speed: venv fmnist-data
 	$(BIN)/python bench/speed.py
