@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="score the pool with the promoted model; write the queue")
     score.add_argument("workspace", type=Path)
     score.add_argument("--policy", choices=POLICIES, default="highest", help="queue order (default: highest T2)")
+    score.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
+                       help="ray: Ray Data actors (large pools); local: this process; auto: by the pool's size")
+    score.add_argument("--gpus", type=float, default=0.0, help="GPUs per Ray Data actor (with --engine ray)")
     score.add_argument("--top", type=int, default=10, help="how many suspects to print")
 
     rnd = sub.add_parser("round", help="labels -> tune -> compare -> promote if better -> new queue")

@@ -132,7 +132,7 @@ def _tune_round(ws: Workspace, resume: bool) -> int:
 
 def score(args: argparse.Namespace) -> int:
     ws = Workspace.open(args.workspace)
-    path, table = score_pool(ws, policy=args.policy)
+    path, table = score_pool(ws, policy=args.policy, engine=args.engine, num_gpus=args.gpus)
     rows = table.to_pylist()
     for r in rows[: args.top]:
         print(f"  #{r['rank']:<4} {r['id']}  T2 {r['t2']:9.2f}  p {r['p_value']:.2e}"

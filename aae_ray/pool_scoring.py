@@ -54,7 +54,7 @@ class _Scorer:
             self.det.to("cuda")
         else:  # one thread per reserved CPU: several actors with torch's default would oversubscribe the cores
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-            torch.set_num_threads(max(1, int(cpus)))
+            torch.set_num_threads(max(1, round(cpus)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from aae_ray.data.images import to_model_input
@@ -102,20 +102,27 @@ def score_pool_ray(images_path: Path, model_dir: Path, *, batch_size: int = 512,
 
     if not ray.is_initialized():
         ray.init()
+    resources = ray.cluster_resources()
     if concurrency is None:
-        concurrency = _default_concurrency(ray.cluster_resources(), num_gpus)
+        concurrency = _default_concurrency(resources, num_gpus)
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    concurrency = min(concurrency, -(-len(pool_ids) // batch_size))  # no actor without a batch to score
 
     ds = (
-        ray.data.read_parquet(str(images_path), columns=["id", "image", "split"])
-        .filter(expr=col("split") == lit(POOL))  # pushed down into the Parquet scan
+        ray.data.read_parquet(str(images_path))
+        .filter(expr=col("split") == lit(POOL))  # this and the projection are pushed down into the Parquet scan
+        .select_columns(["id", "image"])
+        # Reads cut blocks by file, row group and byte size, not rows: a pool of thousands of small PNGs can be one
+        # block, i.e. one task for one actor. Blocks of a batch each (streaming, no shuffle) spread the actors' work.
+        .repartition(target_num_rows_per_block=batch_size)
         .map_batches(
             _Scorer,
             fn_constructor_kwargs={"model_dir": str(model_dir), "with_codes": with_codes},
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=concurrency),
+            num_cpus=_actor_cpus(resources, concurrency),
             num_gpus=num_gpus or None,
             udf_modifying_row_count=False,
         )
@@ -130,6 +137,14 @@ def _default_concurrency(resources: dict[str, float], num_gpus: float) -> int:
     if num_gpus > 0:
         return max(1, int(resources.get("GPU", 0) // num_gpus))
     return max(1, int(resources.get("CPU", 1)))
+
+
+def _actor_cpus(resources: dict[str, float], concurrency: int) -> float:
+    """CPUs each actor reserves: one, but never so many that the actors hold every CPU. The actor pool starts
+    before the reads; actors holding all CPUs would leave the file listing and read tasks (1 CPU each) unscheduled
+    and the dataset hung forever (seen with 2 actors on 2 CPUs). An actor still uses about one core."""
+    spare = resources.get("CPU", 1.0) - 1.0
+    return min(1.0, max(0.0, spare / concurrency))
 
 
 def _in_order(result: pa.Table | None, pool_ids: pa.ChunkedArray, latent_dim: int, with_codes: bool) -> PoolScores:
