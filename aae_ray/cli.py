@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--gpus", type=float, default=0.0, help="GPUs per Ray Data actor (with --engine ray)")
     score.add_argument("--top", type=int, default=10, help="how many suspects to print")
 
+    label = sub.add_parser("label", help="open the Streamlit labeling page on 127.0.0.1")
+    label.add_argument("workspace", type=Path)
+    label.add_argument("--port", type=int, default=8501)
+    label.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+
     rnd = sub.add_parser("round", help="labels -> tune -> compare -> promote if better -> new queue")
     rnd.add_argument("workspace", type=Path)
     rnd.add_argument("--config", type=Path, help="tuning spec (default: tune_configs/default.yaml)")

@@ -142,6 +142,21 @@ def score(args: argparse.Namespace) -> int:
     return 0
 
 
+def label(args: argparse.Namespace) -> int:
+    """Run labeling_ui/app.py with `streamlit run` until Ctrl-C; the page reads and writes the workspace."""
+    import subprocess
+
+    ws = Workspace.open(args.workspace)
+    app = Path(__file__).resolve().parents[1] / "labeling_ui" / "app.py"
+    if not app.exists():
+        raise FileNotFoundError(f"the labeling page is missing: {app}")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
+           "--server.address", args.host, "--server.port", str(args.port), "--browser.gatherUsageStats", "false",
+           "--server.fileWatcherType", "none", "--", "--workspace", str(ws.root.resolve())]
+    print(f"labeling page for {ws.root}: http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    return subprocess.call(cmd)
+
+
 def round_(args: argparse.Namespace) -> int:  # `round` would shadow the builtin
     from aae_ray.rounds import run_round
     from aae_ray.tuning.spec import default_spec_path, load_spec

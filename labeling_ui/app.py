@@ -1,0 +1,256 @@
+"""The labeling page (DESIGN.md "Label"): a person confirms the queue's highest-priority images as defect or normal.
+
+    streamlit run labeling_ui/app.py -- --workspace WS      # what `aae-ray label WS --port P` runs
+
+Thin by design: the queue comes from `aae_ray.rounds.latest_queue`, the model from `aae_ray.artifacts.load`, and
+every label is read and written through `aae_ray.labels` (append-only events; an undo is a new event). The current
+labels are re-read on every rerun, so an image another labeler answered drops out of this page on its next refresh.
+The workspace comes from `--workspace WS` after `--`, else from the environment variable AAE_RAY_WORKSPACE.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import streamlit as st
+
+from aae_ray import artifacts, labels
+from aae_ray.data.images import decode_image, to_model_input
+from aae_ray.rounds import latest_queue
+from aae_ray.workspace import Workspace, WorkspaceError
+
+ENV_VAR = "AAE_RAY_WORKSPACE"
+GRID_SIZE = 12
+CARD_PX = 224  # card images are upscaled (nearest neighbour) to at least this many pixels a side
+THUMB_PX = 96
+HISTORY_ROWS = 50
+
+
+# --- pure helpers (no Streamlit) --------------------------------------------------------------------------------
+
+
+def workspace_arg(argv: list[str], environ: dict[str, str]) -> str | None:
+    """`--workspace WS` or `--workspace=WS` from the script's arguments, else the environment variable."""
+    for i, arg in enumerate(argv):
+        if arg == "--workspace" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--workspace="):
+            return arg.split("=", 1)[1]
+    return environ.get(ENV_VAR) or None
+
+
+def upscale(img: np.ndarray, min_px: int) -> np.ndarray:
+    """Nearest-neighbour upscale by an integer factor so small images (32x32) stay crisp in the browser."""
+    factor = max(1, -(-min_px // max(img.shape[0], img.shape[1])))
+    return np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
+
+
+def heat_overlay(gray: np.ndarray, amap: np.ndarray, alpha: float = 0.8) -> np.ndarray:
+    """Gray image in [0, 1] and a per-pixel error map -> uint8 RGB, the normalised error blended in as red."""
+    a = np.asarray(amap, dtype=np.float64)
+    a = a - a.min()
+    a = alpha * (a / a.max() if a.max() > 0 else a)
+    g = np.clip(np.asarray(gray, dtype=np.float64), 0.0, 1.0)
+    rgb = np.stack([g * (1 - a) + a, g * (1 - a), g * (1 - a)], axis=-1)
+    return (np.clip(rgb, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    return (np.clip(x, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+# --- cached loading ---------------------------------------------------------------------------------------------
+
+
+def _stamp(path: Path) -> float:
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+@st.cache_resource(show_spinner="Loading the model ...")
+def load_detector(model_dir: str, stamp: float):  # stamp: re-load when the artifact is rewritten
+    return artifacts.load(Path(model_dir))
+
+
+@st.cache_resource(show_spinner="Reading the images ...")
+def load_image_bytes(images_path: str, stamp: float) -> dict[str, bytes]:
+    table = Workspace(Path(images_path).parent.parent).images().select(["id", "image"])
+    return dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True))
+
+
+# --- callbacks: every label change happens here, before the page is drawn ---------------------------------------
+
+
+def _mine(labeler: str) -> list[str]:
+    return st.session_state.setdefault("last_ids", {}).setdefault(labeler, [])
+
+
+def answer(labels_dir: str, item: dict, label: str, labeler: str, round_no: int, model: str | None) -> None:
+    labels.append(Path(labels_dir), [labels.LabelEvent(item["id"], label, labeler, round_no, item["t2"], model)])
+    _mine(labeler).append(item["id"])
+    st.session_state["flash"] = f"{item['id']} → {label}"
+
+
+def undo_last(labels_dir: str, labeler: str, round_no: int) -> None:
+    mine = _mine(labeler)
+    if not mine:
+        return
+    id_ = mine.pop()
+    latest = labels.history(Path(labels_dir), id=id_, limit=1)
+    if latest and latest[0]["labeler"] != labeler:
+        st.session_state["flash"] = (f"not undone: {id_} was labeled since by {latest[0]['labeler']} "
+                                     f"({latest[0]['label']})")
+        return
+    event = labels.undo(Path(labels_dir), id_, labeler, round_no)
+    restored = "no label" if event is None or event.label == labels.UNSET else event.label
+    st.session_state["flash"] = f"undone: {id_} is back to {restored}"
+
+
+def save_grid(labels_dir: str, page: list[dict], labeler: str, round_no: int, model: str | None) -> None:
+    events = [labels.LabelEvent(r["id"], "defect" if st.session_state.get(f"defect_{r['id']}") else "normal",
+                                labeler, round_no, r["t2"], model) for r in page]
+    labels.append(Path(labels_dir), events)
+    _mine(labeler).extend(e.id for e in events)
+    for r in page:
+        st.session_state.pop(f"defect_{r['id']}", None)
+    n_def = sum(e.label == "defect" for e in events)
+    st.session_state["flash"] = f"saved {len(events)} labels: {n_def} defect, {len(events) - n_def} normal"
+
+
+# --- the page ---------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    st.set_page_config(page_title="aae-ray labeling", layout="wide")
+    st.title("aae-ray labeling")
+    root = workspace_arg(sys.argv[1:], dict(os.environ))
+    if root is None:
+        st.error(f"No workspace given: run `aae-ray label WS` (or set {ENV_VAR}).")
+        return
+    try:
+        ws = Workspace.open(root)
+        current = ws.current()
+    except WorkspaceError as exc:
+        st.error(str(exc))
+        return
+
+    sb = st.sidebar
+    labeler = sb.text_input("Your name", key="labeler", placeholder="who is labeling").strip()
+    mode = sb.radio("Mode", ["Card", "Grid"], key="mode", horizontal=True)
+    if current is None:
+        sb.markdown("**Model:** none promoted")
+        st.info(f"No promoted model yet: run `aae-ray tune {root}` (or `aae-ray train {root}`), "
+                f"then `aae-ray score {root}`.")
+        return
+    sb.markdown(f"**Model:** `{current['model']}` (round {current['round']})")
+    found = latest_queue(ws)
+    if found is None:
+        st.info(f"No labeling queue yet: run `aae-ray score {root}` to score the pool with the promoted model.")
+        return
+    round_no, queue_path = found
+    sb.markdown(f"**Queue:** round {round_no} (`{queue_path.relative_to(ws.root)}`), in rank order — "
+                "the queue's policy (e.g. highest T² first) was fixed when it was scored")
+    if round_no != current["round"]:
+        sb.warning(f"The queue is from round {round_no}, the promoted model from round {current['round']}: "
+                   f"run `aae-ray score {root}` for a fresh queue.")
+
+    queue = pq.read_table(queue_path).to_pylist()
+    queue.sort(key=lambda r: r["rank"])
+    try:
+        done = labels.current_labels(ws.labels_dir)
+    except ValueError as exc:
+        st.error(str(exc))
+        return
+    todo = [r for r in queue if r["id"] not in done]
+    n_labeled = len(queue) - len(todo)
+    sb.markdown("**Progress (this round's queue)**")
+    c1, c2, c3 = sb.columns(3)
+    c1.metric("Labeled", n_labeled)
+    c2.metric("Defects", sum(done.get(r["id"]) == "defect" for r in queue))
+    c3.metric("Left", len(todo))
+    sb.progress(n_labeled / len(queue) if queue else 1.0)
+
+    if not labeler:
+        st.warning("Enter your name in the sidebar to start labeling.")
+    flash = st.session_state.pop("flash", None)
+    if flash:
+        st.success(flash)
+
+    model = current["model"]
+    labels_dir = str(ws.labels_dir)
+    if not todo:
+        st.info(f"The queue of round {round_no} is done ({len(queue)} images). Run `aae-ray round {root}` to "
+                f"train the next round, or `aae-ray score {root}` to re-score the pool.")
+        if labeler:
+            st.button("Undo", key="undo", shortcut="u", disabled=not _mine(labeler),
+                      on_click=undo_last, args=(labels_dir, labeler, round_no))
+    elif mode == "Card":
+        card(ws, todo[0], len(queue), labeler, round_no, model, labels_dir)
+    else:
+        grid(ws, todo[:GRID_SIZE], labeler, round_no, model, labels_dir)
+    history_panel(ws)
+
+
+def card(ws: Workspace, item: dict, n_queue: int, labeler: str, round_no: int, model: str, labels_dir: str) -> None:
+    model_dir = ws.current_model_dir()
+    det = load_detector(str(model_dir), _stamp(model_dir / "config.json"))
+    data = load_image_bytes(str(ws.images_path), _stamp(ws.images_path))[item["id"]]
+    x = to_model_input([data], det.config.input_size)
+    recon = det.reconstruct(x)[0, 0]
+    amap = det.anomaly_map(x)[0]
+    st.subheader(f"Rank {item['rank']} of {n_queue} · `{item['id']}`")
+    cols = st.columns(3)
+    cols[0].image(upscale(to_uint8(x[0, 0]), CARD_PX), caption="image")
+    cols[1].image(upscale(to_uint8(recon), CARD_PX), caption="reconstruction")
+    cols[2].image(upscale(heat_overlay(x[0, 0], amap), CARD_PX), caption="anomaly map (red: reconstruction error)")
+    m = st.columns(4)
+    m[0].metric("T²", f"{item['t2']:.2f}")
+    m[1].metric("p-value", f"{item['p_value']:.3g}")
+    m[2].metric("Rank", item["rank"])
+    m[3].metric("Above threshold", "yes" if item["anomaly"] else "no")
+    off = not labeler
+    b = st.columns(4)
+    for col, label, key in ((b[0], "defect", "d"), (b[1], "normal", "n"), (b[2], "skip", "s")):
+        col.button(f"{label.capitalize()} ({key.upper()})", key=label, shortcut=key, disabled=off,
+                   type="primary" if label == "defect" else "secondary", width="stretch",
+                   on_click=answer, args=(labels_dir, item, label, labeler, round_no, model))
+    b[3].button("Undo (U)", key="undo", shortcut="u", disabled=off or not _mine(labeler),
+                width="stretch", on_click=undo_last, args=(labels_dir, labeler, round_no))
+
+
+def grid(ws: Workspace, page: list[dict], labeler: str, round_no: int, model: str, labels_dir: str) -> None:
+    images = load_image_bytes(str(ws.images_path), _stamp(ws.images_path))
+    st.subheader(f"Next {len(page)} unlabeled images, highest priority first")
+    cols = st.columns(4)
+    for i, r in enumerate(page):
+        with cols[i % 4]:
+            st.image(upscale(decode_image(images[r["id"]]), THUMB_PX),
+                     caption=f"#{r['rank']} · T² {r['t2']:.1f}")
+            st.checkbox("defect", key=f"defect_{r['id']}", disabled=not labeler)
+    b1, b2 = st.columns(2)
+    b1.button("Save: ticked = defect, the rest normal", key="save_grid", type="primary", disabled=not labeler,
+              on_click=save_grid, args=(labels_dir, page, labeler, round_no, model))
+    b2.button("Undo last label (U)", key="undo", shortcut="u", disabled=not labeler or not _mine(labeler),
+              on_click=undo_last, args=(labels_dir, labeler, round_no))
+
+
+def history_panel(ws: Workspace) -> None:
+    with st.expander("History"):
+        rows = labels.history(ws.labels_dir, limit=HISTORY_ROWS)
+        if rows:
+            st.dataframe([{**r, "ts": r["ts"].isoformat(timespec="seconds")} for r in rows], hide_index=True)
+        else:
+            st.caption("No labels yet.")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "labels.csv"
+            labels.export_csv(ws.labels_dir, path)
+            data = path.read_bytes()
+        st.download_button("Download all labels (CSV)", data, file_name="labels.csv", mime="text/csv",
+                           key="download_csv")
+
+
+main()

@@ -1,0 +1,139 @@
+"""The Streamlit labeling page (labeling_ui/app.py), driven headless with streamlit.testing.v1.AppTest."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from aae_ray import labels
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+APP = str(Path(__file__).resolve().parent.parent / "labeling_ui" / "app.py")
+
+
+@pytest.fixture
+def lab_ws(scored_ws, tmp_path, monkeypatch) -> Path:
+    ws = tmp_path / "ws"
+    shutil.copytree(scored_ws, ws)
+    monkeypatch.setenv("AAE_RAY_WORKSPACE", str(ws))
+    return ws
+
+
+def queue_ids(ws: Path) -> list[str]:
+    rows = pq.read_table(ws / "rounds" / "r000" / "scores.parquet").to_pylist()
+    return [r["id"] for r in sorted(rows, key=lambda r: r["rank"])]
+
+
+def app(name: str | None = "ann") -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    assert not at.exception, at.exception
+    if name is not None:
+        at.text_input(key="labeler").input(name).run()
+        assert not at.exception, at.exception
+    return at
+
+
+def shown_id(at: AppTest) -> str:
+    return at.subheader[0].value.split("`")[1]
+
+
+def test_no_labeler_name_disables_labeling(lab_ws):
+    at = app(name=None)
+    assert at.button(key="defect").disabled and at.button(key="normal").disabled
+    assert any("name" in w.value for w in at.warning)
+    assert len(at.get("image")) == 3  # image, reconstruction, heat map
+
+
+def test_defect_writes_one_event_and_moves_on(lab_ws):
+    ids = queue_ids(lab_ws)
+    at = app()
+    assert shown_id(at) == ids[0]
+    at.button(key="defect").click().run()
+    assert not at.exception
+    events = labels.read_events(lab_ws / "labels").to_pylist()
+    assert len(events) == 1
+    e = events[0]
+    assert (e["id"], e["label"], e["labeler"], e["round"]) == (ids[0], "defect", "ann", 0)
+    assert e["model"] == "rounds/r000/model" and e["t2"] is not None
+    assert shown_id(at) == ids[1]
+
+
+def test_normal_then_undo_puts_the_image_back(lab_ws):
+    ids = queue_ids(lab_ws)
+    at = app()
+    at.button(key="normal").click().run()
+    assert labels.current_labels(lab_ws / "labels") == {ids[0]: "normal"}
+    assert shown_id(at) == ids[1]
+    at.button(key="undo").click().run()
+    assert not at.exception
+    assert labels.current_labels(lab_ws / "labels") == {}
+    assert labels.history(lab_ws / "labels")[0]["label"] == labels.UNSET
+    assert shown_id(at) == ids[0]
+    assert at.button(key="undo").disabled  # nothing of ann's left to undo
+
+
+def test_skip_writes_a_skip_event(lab_ws):
+    ids = queue_ids(lab_ws)
+    at = app()
+    at.button(key="skip").click().run()
+    events = labels.read_events(lab_ws / "labels").to_pylist()
+    assert [(e["id"], e["label"]) for e in events] == [(ids[0], "skip")]
+    assert shown_id(at) == ids[1]
+
+
+def test_grid_saves_ticked_as_defect_the_rest_normal(lab_ws):
+    ids = queue_ids(lab_ws)
+    assert len(ids) > 12
+    at = app()
+    at.radio(key="mode").set_value("Grid").run()
+    assert len(at.checkbox) == 12
+    at.checkbox(key=f"defect_{ids[2]}").check()
+    at.checkbox(key=f"defect_{ids[5]}").check()
+    at.button(key="save_grid").click().run()
+    assert not at.exception
+    frags = labels.fragments(lab_ws / "labels")
+    assert len(frags) == 1  # one append call
+    current = labels.current_labels(lab_ws / "labels")
+    assert current == {id_: ("defect" if id_ in (ids[2], ids[5]) else "normal") for id_ in ids[:12]}
+    assert {c.key for c in at.checkbox} == {f"defect_{i}" for i in ids[12:24]}  # the next page, none ticked
+    assert not any(c.value for c in at.checkbox)
+
+
+def test_image_labeled_by_another_labeler_drops_out_on_rerun(lab_ws):
+    ids = queue_ids(lab_ws)
+    at = app()
+    assert shown_id(at) == ids[0]
+    labels.append(lab_ws / "labels", [labels.LabelEvent(ids[0], "normal", "bob", 0)])
+    at.run()
+    assert shown_id(at) == ids[1]
+
+
+def test_no_queue_says_run_score(lab_ws):
+    (lab_ws / "rounds" / "r000" / "scores.parquet").unlink()
+    at = app(name=None)
+    assert not at.exception
+    assert any("aae-ray score" in i.value for i in at.info)
+
+
+def test_no_model_says_run_tune(lab_ws):
+    (lab_ws / "current.json").unlink()
+    at = app(name=None)
+    assert any("aae-ray tune" in i.value for i in at.info)
+
+
+def test_workspace_from_argv_and_history_panel(lab_ws, monkeypatch):
+    """`streamlit run labeling_ui/app.py -- --workspace WS` hands the script sys.argv = [app, --workspace, WS]."""
+    monkeypatch.delenv("AAE_RAY_WORKSPACE")
+    monkeypatch.setattr("sys.argv", [APP, "--workspace", str(lab_ws)])
+    ids = queue_ids(lab_ws)
+    labels.append(lab_ws / "labels", [labels.LabelEvent(ids[0], "defect", "bob", 0)])
+    at = app()
+    assert shown_id(at) == ids[1]
+    table = at.dataframe[0].value
+    assert list(table["labeler"]) == ["bob"] and list(table["id"]) == [ids[0]]
+    assert at.get("download_button")
