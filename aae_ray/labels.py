@@ -4,9 +4,10 @@ This module is the only code that reads or writes `WS/labels/`; the labeling UI,
 
 Storage
     Every `append` writes one new Parquet *fragment*; nothing is ever rewritten or deleted. A fragment is written
-    to a hidden temporary file in the same folder (`.<name>.tmp`), flushed and fsync'ed, renamed into place with
-    `os.replace`, and then the folder itself is fsync'ed. A crash at any point leaves either no fragment or a
-    complete one; a stray `.…tmp` file left by a killed writer is ignored by readers (and may be deleted by hand).
+    by `aae_ray.atomic`: a hidden temporary file in the same folder (`.<name>.<pid>.<random>.tmp`), flushed and
+    fsync'ed, renamed into place with `os.replace`, and then the folder itself is fsync'ed. A crash at any point
+    leaves either no fragment or a complete one; a stray `.…tmp` file left by a killed writer is ignored by
+    readers (and may be deleted by hand).
     Only `*.parquet` files whose name does not start with `.` are read.
 
 Concurrency
@@ -58,6 +59,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from aae_ray.atomic import atomic_write
+
 LABELS = ("defect", "normal", "skip")
 UNSET = "unset"  # undo only: "no label"; never reported by current_labels
 EVENT_LABELS = (*LABELS, UNSET)
@@ -73,7 +76,6 @@ SCHEMA = pa.schema(
     ]
 )
 _REQUIRED = ("id", "label", "labeler", "ts", "round")  # t2 and model may be null
-_TMP_SUFFIX = ".tmp"
 
 
 @dataclass(frozen=True)
@@ -133,34 +135,8 @@ def _append_checked(labels_dir: Path, events: list[LabelEvent]) -> Path:
 def _write_fragment(
     labels_dir: Path, name: str, table: pa.Table, before_replace: Callable[[Path], None] | None = None
 ) -> Path:
-    """temp file -> flush + fsync -> os.replace -> fsync the folder. `before_replace` is a test hook."""
-    labels_dir.mkdir(parents=True, exist_ok=True)
-    path = labels_dir / name
-    tmp = labels_dir / f".{name}{_TMP_SUFFIX}"
-    try:
-        with open(tmp, "xb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(labels_dir)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX; folders cannot be opened for fsync on Windows)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """One fragment, written atomically and durably (aae_ray.atomic). `before_replace` is a test hook."""
+    return atomic_write(labels_dir / name, lambda f: pq.write_table(table, f), before_replace)
 
 
 _ts_lock = threading.Lock()
@@ -276,18 +252,7 @@ def export_csv(labels_dir: Path, path: Path) -> int:
     writer = csv.DictWriter(buf, fieldnames=SCHEMA.names, lineterminator="\n")
     writer.writeheader()
     writer.writerows(_csv_row(e) for e in events)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(Path(path), lambda f: f.write(buf.getvalue().encode("utf-8")))
     return len(events)
 
 

@@ -7,7 +7,6 @@ Everything is a file a person can open: YAML settings, Parquet tables, JSON poin
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
+from aae_ray import atomic
 from aae_ray.data.images import ImageRecord, make_table, merge_tables, read_table, write_table
 
 ROUND_RE = re.compile(r"^r(\d{3,})$")
@@ -130,7 +130,4 @@ def now() -> str:
 
 
 def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from aae_ray.atomic import atomic_write
 from aae_ray.data import SPLITS
 
 SCHEMA = pa.schema(
@@ -109,10 +109,7 @@ def write_table(table: pa.Table, path: Path) -> None:
 
 def write_table_with(table: pa.Table, path: Path, schema: pa.Schema) -> None:
     """Write atomically: a reader never sees half a file, a killed writer leaves the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table.cast(schema), tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: pq.write_table(table.cast(schema), f))
 
 
 def read_table(path: Path) -> pa.Table:
