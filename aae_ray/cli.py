@@ -47,16 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="search architectures with Ray Tune + Optuna; export and report the best")
     tune.add_argument("workspace", type=Path)
-    tune.add_argument("--config", type=Path, help="tuning spec (default: tune_configs/default.yaml)")
-    tune.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start Ray here)")
-    tune.add_argument("--num-samples", type=int, help="number of trials (overrides the spec)")
+    _search_arguments(tune)
     tune.add_argument("--max-concurrent", type=int, help="trials at once (overrides the spec)")
     tune.add_argument("--round", type=int, help="round number (default: the next one; with --resume the last)")
     tune.add_argument("--resume", action="store_true", help="continue an interrupted or killed run")
 
     score = sub.add_parser("score", help="score the pool with the promoted model; write the queue")
     score.add_argument("workspace", type=Path)
-    score.add_argument("--policy", choices=POLICIES, default="highest", help="queue order (default: highest T2)")
+    _policy_argument(score)
     score.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
                        help="ray: Ray Data actors (large pools); local: this process; auto: by the pool's size")
     score.add_argument("--gpus", type=float, default=0.0, help="GPUs per Ray Data actor (with --engine ray)")
@@ -69,28 +67,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     rnd = sub.add_parser("round", help="labels -> tune -> compare -> promote if better -> new queue")
     rnd.add_argument("workspace", type=Path)
-    rnd.add_argument("--config", type=Path, help="tuning spec (default: tune_configs/default.yaml)")
-    rnd.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start Ray here)")
-    rnd.add_argument("--num-samples", type=int, help="number of trials (overrides the spec)")
-    rnd.add_argument("--policy", choices=POLICIES, default="highest", help="queue order (default: highest T2)")
+    _search_arguments(rnd)
+    _policy_argument(rnd)
 
     sim = sub.add_parser("simulate", help="answer the queue from the import's truth and run rounds, to measure")
     sim.add_argument("workspace", type=Path)
     sim.add_argument("--rounds", type=int, required=True)
     sim.add_argument("--labels-per-round", type=int, required=True)
-    sim.add_argument("--config", type=Path, help="tuning spec (default: tune_configs/default.yaml)")
-    sim.add_argument("--num-samples", type=int, help="number of trials a round (overrides the spec)")
-    sim.add_argument("--policy", choices=POLICIES, default="highest", help="queue order (default: highest T2)")
+    _search_arguments(sim)
+    _policy_argument(sim)
 
     status = sub.add_parser("status", help="rounds, metrics, labels, current model")
     status.add_argument("workspace", type=Path)
 
     demo = sub.add_parser("demo", help="the loop on synthetic solder joints: init, tune, score, summary")
     demo.add_argument("workspace", type=Path, nargs="?", default=Path("aae-demo"))
-    demo.add_argument("--config", type=Path, help="tuning spec (default: tune_configs/default.yaml)")
-    demo.add_argument("--num-samples", type=int, help="number of trials (default: the spec's)")
+    _search_arguments(demo, address=False)
     demo.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _search_arguments(p: argparse.ArgumentParser, address: bool = True) -> None:
+    """The options of every command that runs a tuning search."""
+    p.add_argument("--config", type=Path, help="tuning spec (default: tune_configs/default.yaml)")
+    if address:
+        p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start Ray here)")
+    p.add_argument("--num-samples", type=int, help="number of trials (overrides the spec)")
+
+
+def _policy_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", choices=POLICIES, default="highest", help="queue order (default: highest T2)")
 
 
 def main(argv: list[str] | None = None) -> int:

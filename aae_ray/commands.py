@@ -75,7 +75,6 @@ def train(args: argparse.Namespace) -> int:
 
 def tune(args: argparse.Namespace) -> int:
     from aae_ray.tuning.runner import experiment_dir, ranked, run_tune
-    from aae_ray.tuning.spec import default_spec_path, load_spec
 
     ws = Workspace.open(args.workspace)
     if args.resume:
@@ -84,8 +83,7 @@ def tune(args: argparse.Namespace) -> int:
             print("note: --resume continues with the spec the round started with; --config, --num-samples and "
                   "--max-concurrent are ignored")
     else:
-        spec = load_spec(args.config or default_spec_path(), num_samples=args.num_samples,
-                         max_concurrent=args.max_concurrent)
+        spec = _load_spec(args)
     round_no = args.round if args.round is not None else _tune_round(ws, args.resume)
     start = time.perf_counter()
     try:
@@ -117,6 +115,14 @@ def tune(args: argparse.Namespace) -> int:
           f"{out.best.trial_id} {spec.metric} {_fmt(out.best.metric)} on {source}, val AUROC {_fmt(m['val_auroc'])}, "
           f"test AUROC {_fmt(m['test_auroc'])}; model {ws.model_dir(round_no)} {promoted}; report {out.report}")
     return 0
+
+
+def _load_spec(args: argparse.Namespace):
+    """The tuning spec a command names (default: tune_configs/default.yaml), with its command-line overrides."""
+    from aae_ray.tuning.spec import default_spec_path, load_spec
+
+    return load_spec(args.config or default_spec_path(), num_samples=args.num_samples,
+                     max_concurrent=getattr(args, "max_concurrent", None))
 
 
 def _tune_round(ws: Workspace, resume: bool) -> int:
@@ -159,10 +165,9 @@ def label(args: argparse.Namespace) -> int:
 
 def round_(args: argparse.Namespace) -> int:  # `round` would shadow the builtin
     from aae_ray.rounds import run_round
-    from aae_ray.tuning.spec import default_spec_path, load_spec
 
     ws = Workspace.open(args.workspace)
-    spec = load_spec(args.config or default_spec_path(), num_samples=args.num_samples)
+    spec = _load_spec(args)
     start = time.perf_counter()
     out = run_round(ws, spec, address=args.address, policy=args.policy)
     labels = Counter(current_labels(ws.labels_dir).values())
@@ -174,21 +179,20 @@ def round_(args: argparse.Namespace) -> int:  # `round` would shadow the builtin
 
 def simulate(args: argparse.Namespace) -> int:
     from aae_ray.rounds import answer_queue, latest_queue, run_round
-    from aae_ray.tuning.spec import default_spec_path, load_spec
 
     if args.rounds < 1 or args.labels_per_round < 1:
         raise ValueError("--rounds and --labels-per-round must be at least 1")
     ws = Workspace.open(args.workspace)
-    spec = load_spec(args.config or default_spec_path(), num_samples=args.num_samples)
+    spec = _load_spec(args)
     if latest_queue(ws) is None:
         print("no queue yet: a first round tunes a model and scores the pool")
-        run_round(ws, spec, policy=args.policy)
+        run_round(ws, spec, address=args.address, policy=args.policy)
     history = []
     for i in range(1, args.rounds + 1):
         batch = answer_queue(ws, args.labels_per_round)
         print(f"== simulated labels {i}/{args.rounds}: oracle labeled {len(batch.ids)} of round {batch.round_no}'s "
               f"queue, {batch.n_defects} defects ({batch.n_left} unlabeled left)")
-        out = run_round(ws, spec, policy=args.policy)
+        out = run_round(ws, spec, address=args.address, policy=args.policy)
         m = artifacts.read_metrics(ws.current_model_dir())
         history.append((batch.n_defects, len(batch.ids), m.get("test_auroc")))
         print(f"   round {out.round_no}: {'promoted' if out.promoted else 'kept'} ({out.reason}); current model's "
@@ -259,11 +263,10 @@ def demo(args: argparse.Namespace) -> int:
     hits = sum(truth[r["id"]] == 1 for r in top)
     print(f"== 4/4 a simulated labeler answers the first {DEMO_LABELS} of the queue, then a round retrains on them")
     from aae_ray.rounds import answer_queue, run_round
-    from aae_ray.tuning.spec import default_spec_path, load_spec
 
     batch = answer_queue(ws, DEMO_LABELS)
     print(f"the labeler confirmed {batch.n_defects} defects and {len(batch.ids) - batch.n_defects} normals")
-    spec = load_spec(args.config or default_spec_path(), num_samples=args.num_samples)
+    spec = _load_spec(args)
     out = run_round(ws, spec)
     after = artifacts.read_metrics(ws.current_model_dir())
     print(f"round {out.round_no}: {'promoted' if out.promoted else 'kept the current model'} ({out.reason})")

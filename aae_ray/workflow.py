@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from aae_ray import artifacts, scoring
 from aae_ray.config import AAEConfig
@@ -87,7 +88,8 @@ def score_pool(ws: Workspace, *, round_no: int | None = None, policy: str = "hig
     det = artifacts.load(model_dir)
     size = det.config.input_size
     if engine == "auto":
-        n_pool = ws.images().column("split").to_pylist().count("pool")
+        # Only the split column: reading the image bytes just to count would double the I/O of scoring.
+        n_pool = pq.read_table(ws.images_path, columns=["split"]).column("split").to_pylist().count("pool")
         engine = "ray" if n_pool * size * size * 4 > RAY_POOL_BYTES else "local"
     if engine == "ray":
         from aae_ray.pool_scoring import score_pool_ray
