@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv demo test lint bench-fmnist bench-speed bench-tune bench-active-learning fmnist-data clean
+.PHONY: venv system-deps demo test lint bench-fmnist bench-speed bench-tune bench-active-learning fmnist-data clean
 
 # (Re)install when the package metadata or the pins change. torch is pinned to the CPU wheel through
 # constraints.txt: unpinned, pip would pull a multi-GB CUDA build.
@@ -18,15 +18,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-# Real data: Debian's dataset-fashion-mnist. Installed when missing and we may use apt; otherwise the
-# Fashion-MNIST tests skip and the benchmark stops with a message naming the package.
-fmnist-data:
-	@if [ ! -d $(FMNIST) ]; then \
+# System packages from Debian: the real data (dataset-fashion-mnist) and the browser the labeling page's tests
+# drive (chromium; never `playwright install`, which downloads its own and fails offline). Installed when missing
+# and we may use apt; otherwise the tests that need them skip with a message naming the package.
+APT_PACKAGES := dataset-fashion-mnist chromium chromium-driver
+system-deps:
+	@missing=""; [ -d $(FMNIST) ] || missing="dataset-fashion-mnist"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium chromium-driver"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get install -y -q dataset-fashion-mnist >/dev/null || \
-	      (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null); \
-	  else echo "note: $(FMNIST) missing; apt-get install dataset-fashion-mnist to run the real-data tests"; fi; \
+	    apt-get install -y -q --no-install-recommends $$missing >/dev/null || \
+	      (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null); \
+	  else echo "note: missing $$missing; apt-get install them to run the real-data and browser tests"; fi; \
 	fi
+
+fmnist-data: system-deps
 
 demo: venv
 	$(BIN)/aae-ray demo aae-demo
@@ -34,7 +40,7 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check .
 
-test: venv fmnist-data lint
+test: venv system-deps lint
 	$(BIN)/pytest -q
 
 bench-fmnist: venv fmnist-data

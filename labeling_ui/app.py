@@ -121,6 +121,15 @@ def save_grid(labels_dir: str, page: list[dict], labeler: str, round_no: int, mo
     st.session_state["flash"] = f"saved {len(events)} labels: {n_def} defect, {len(events) - n_def} normal"
 
 
+def remember_labeler() -> None:
+    """Keep the name in the page's address (?labeler=...), so a reload or a bookmark brings it back."""
+    name = st.session_state.get("labeler", "").strip()
+    if name:
+        st.query_params["labeler"] = name
+    else:
+        st.query_params.pop("labeler", None)
+
+
 # --- the page ---------------------------------------------------------------------------------------------------
 
 
@@ -139,7 +148,7 @@ def main() -> None:
         return
 
     sb = st.sidebar
-    labeler = sb.text_input("Your name", key="labeler", placeholder="who is labeling").strip()
+    labeler = labeler_name(sb)
     mode = sb.radio("Mode", ["Card", "Grid"], key="mode", horizontal=True)
     if current is None:
         sb.markdown("**Model:** none promoted")
@@ -193,6 +202,13 @@ def main() -> None:
     else:
         grid(ws, todo[:GRID_SIZE], labeler, round_no, model, labels_dir)
     history_panel(ws)
+
+
+def labeler_name(sb) -> str:
+    if "labeler" not in st.session_state:  # first run of this browser session: the address may remember a name
+        st.session_state["labeler"] = st.query_params.get("labeler", "")
+    return sb.text_input("Your name", key="labeler", placeholder="who is labeling",
+                         on_change=remember_labeler).strip()
 
 
 def card(ws: Workspace, item: dict, n_queue: int, labeler: str, round_no: int, model: str, labels_dir: str) -> None:

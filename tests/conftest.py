@@ -3,7 +3,16 @@ fitted detector, each built once per session. Tests that write into a workspace 
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +132,33 @@ def ray_local():
              runtime_env={"env_vars": {INJECT_NAN_ENV: f"lr={POISONED_LR}"}})
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def label_server(ws: Path, log_path: Path) -> Iterator[str]:
+    """`aae-ray label WS` as a real Streamlit server on a free loopback port; yields its URL once healthy."""
+    port = free_port()
+    log = log_path.open("w")
+    proc = subprocess.Popen([Path(sys.executable).parent / "aae-ray", "label", ws, "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, health = time.monotonic() + 60, None
+        while time.monotonic() < deadline and health is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    health = r.read().decode()
+            except OSError:
+                assert proc.poll() is None, log_path.read_text()
+                time.sleep(0.3)
+        assert health == "ok", log_path.read_text()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+        log.close()

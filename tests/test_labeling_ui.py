@@ -137,3 +137,15 @@ def test_workspace_from_argv_and_history_panel(lab_ws, monkeypatch):
     table = at.dataframe[0].value
     assert list(table["labeler"]) == ["bob"] and list(table["id"]) == [ids[0]]
     assert at.get("download_button")
+
+
+def test_the_address_remembers_the_labeler_name(lab_ws):
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.query_params["labeler"] = "ann"
+    at.run()
+    assert at.text_input(key="labeler").value == "ann"
+    assert not at.button(key="defect").disabled
+    at.text_input(key="labeler").input("bob").run()
+    assert at.query_params["labeler"] == "bob"
+    at.text_input(key="labeler").input("").run()
+    assert "labeler" not in at.query_params
