@@ -13,7 +13,7 @@ from aae_ray import artifacts
 from aae_ray.config import load_config
 from aae_ray.labels import current_labels, read_events
 from aae_ray.workflow import score_pool, train_round
-from aae_ray.workspace import Workspace
+from aae_ray.workspace import Workspace, write_text
 
 
 def init(args: argparse.Namespace) -> int:
@@ -163,6 +163,38 @@ def label(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def serve(args: argparse.Namespace) -> int:
+    """The promoted model behind Ray Serve until Ctrl-C or SIGTERM; replicas follow promotions."""
+    from aae_ray import serving
+
+    ws = Workspace.open(args.workspace)
+    model = serving.load_current(ws)  # a missing or broken model fails here, in one line, before Ray starts
+    cfg = serving.settings(workspace=ws.root, token=args.token, max_batch_size=args.max_batch,
+                           replicas=args.replicas)
+    serving.check_port(args.host, args.port)
+    print(f"starting Ray Serve for round {model.round} ({model.path}, input {model.size}x{model.size}) ...",
+          flush=True)
+    serve_app().serve_forever(cfg, host=args.host, port=args.port, address=args.address,
+                              echo=lambda line: print(line, flush=True))
+    return 0
+
+
+def serve_app():
+    """serve/app.py, loaded from the source tree (`pip install -e .` installs only aae_ray, like labeling_ui)."""
+    import importlib.util
+
+    name = "aae_ray_serve_app"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "serve" / "app.py"
+        if not path.exists():
+            raise FileNotFoundError(f"the Serve application is missing: {path}")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def round_(args: argparse.Namespace) -> int:  # `round` would shadow the builtin
     from aae_ray.rounds import run_round
 
@@ -178,6 +210,9 @@ def round_(args: argparse.Namespace) -> int:  # `round` would shadow the builtin
 
 
 def simulate(args: argparse.Namespace) -> int:
+    """Answer the queue from the import's truth, --rounds times; report defects found and AUROC by round in
+    WS/report/active_learning.{png,json}."""
+    from aae_ray.learning_curves import plot, policy_curves, pool_truth
     from aae_ray.rounds import answer_queue, latest_queue, run_round
 
     if args.rounds < 1 or args.labels_per_round < 1:
@@ -187,20 +222,31 @@ def simulate(args: argparse.Namespace) -> int:
     if latest_queue(ws) is None:
         print("no queue yet: a first round tunes a model and scores the pool")
         run_round(ws, spec, address=args.address, policy=args.policy)
-    history = []
+    curves = policy_curves(ws, args.rounds * args.labels_per_round)
+    aurocs = [artifacts.read_metrics(ws.current_model_dir()).get("test_auroc")]
+    found: list[int] = []
+    rounds = []
     for i in range(1, args.rounds + 1):
         batch = answer_queue(ws, args.labels_per_round)
+        found += pool_truth(ws, batch.ids).tolist()
         print(f"== simulated labels {i}/{args.rounds}: oracle labeled {len(batch.ids)} of round {batch.round_no}'s "
               f"queue, {batch.n_defects} defects ({batch.n_left} unlabeled left)")
         out = run_round(ws, spec, address=args.address, policy=args.policy)
-        m = artifacts.read_metrics(ws.current_model_dir())
-        history.append((batch.n_defects, len(batch.ids), m.get("test_auroc")))
+        aurocs.append(artifacts.read_metrics(ws.current_model_dir()).get("test_auroc"))
+        rounds.append({"round": out.round_no, "labels": len(batch.ids), "defects": batch.n_defects,
+                       "promoted": out.promoted, "reason": out.reason, "test_auroc": aurocs[-1]})
         print(f"   round {out.round_no}: {'promoted' if out.promoted else 'kept'} ({out.reason}); current model's "
-              f"test AUROC {_fmt(m.get('test_auroc'))}")
-    found = sum(h[0] for h in history)
-    spent = sum(h[1] for h in history)
-    print(f"simulated {args.rounds} round(s): {found} defects in {spent} labels; current model's test AUROC by "
-          f"round: {', '.join(_fmt(h[2]) for h in history)}")
+              f"test AUROC {_fmt(aurocs[-1])}")
+    report = ws.root / "report"
+    png = plot(curves, aurocs, report / "active_learning.png", found=found)
+    doc = {"policy": args.policy, "labels_per_round": args.labels_per_round, "rounds": rounds,
+           "test_auroc_by_round": aurocs, "defects_found": found, "policy_curves": curves}
+    write_text(report / "active_learning.json", json.dumps(doc, indent=2) + "\n")
+    random_curve = next(c for k, c in curves.items() if k.startswith("random"))
+    by_chance = random_curve[len(found) - 1] if found else 0.0
+    print(f"simulated {args.rounds} round(s): {sum(found)} defects in {len(found)} labels (random labeling: "
+          f"{by_chance:.1f}); current model's test AUROC by round: "
+          f"{' -> '.join(_fmt(a) for a in aurocs)}; plot in {png}")
     return 0
 
 

@@ -30,7 +30,7 @@ from fmnist import COMMIT, machine  # noqa: E402  (bench scripts share helpers, 
 from aae_ray import artifacts  # noqa: E402
 from aae_ray.data.fashion_mnist import fashion_mnist_records  # noqa: E402
 from aae_ray.dataset import pool_arrays  # noqa: E402
-from aae_ray.queue import POLICIES, queue_order  # noqa: E402
+from aae_ray.learning_curves import plot, policy_curves, pool_truth  # noqa: E402
 from aae_ray.rounds import answer_queue, run_round  # noqa: E402
 from aae_ray.tuning.spec import parse_spec  # noqa: E402
 from aae_ray.workspace import Workspace  # noqa: E402
@@ -63,40 +63,6 @@ def make_workspace(root: Path, pool: int, val: int, seed: int = 0) -> Workspace:
     ws, _ = Workspace.import_records(root, keep, {"source": "fashion-mnist", "normal_class": 0, "pollution": 0.05,
                                                   "bench": "active_learning"}, [])
     return ws
-
-
-def policy_curves(ws: Workspace, budget: int, seed: int) -> dict[str, list[int]]:
-    """Cumulative defects found after each label, labeling round 0's queue in each policy's order."""
-    det = artifacts.load(ws.current_model_dir())
-    pool = pool_arrays(ws, det.config.input_size)
-    truth = _truth(ws, pool.ids)
-    s = det.score(pool.X)
-    codes = det.encode(pool.X)
-    curves = {p: np.cumsum(truth[queue_order(s.t2, codes, det.threshold_, p)][:budget]).tolist() for p in POLICIES}
-    rng = np.random.default_rng(seed)
-    draws = [np.cumsum(truth[rng.permutation(len(truth))][:budget]) for _ in range(20)]
-    curves["random (mean of 20)"] = np.mean(draws, axis=0).tolist()
-    return curves
-
-
-def _truth(ws: Workspace, ids: list[str]) -> np.ndarray:
-    table = ws.images()
-    t = dict(zip(table.column("id").to_pylist(), table.column("truth").to_pylist(), strict=True))
-    return np.array([t[i] for i in ids], dtype=np.int8)
-
-
-def plot(curves: dict[str, list[float]], aurocs: list[float | None], path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4.5), dpi=100, layout="tight")
-    ax1, ax2 = fig.subplots(1, 2)
-    for name, c in curves.items():
-        ax1.plot(np.arange(1, len(c) + 1), c, label=name)
-    ax1.set(xlabel="labels spent", ylabel="defects found", title="Round 0's queue: policies vs random")
-    ax1.legend()
-    ax2.plot(range(len(aurocs)), [a if a is not None else np.nan for a in aurocs], marker="o")
-    ax2.set(xlabel="round", ylabel="test AUROC", title="Promoted model's test AUROC by round")
-    fig.savefig(path)
 
 
 def markdown(doc: dict) -> str:
@@ -140,7 +106,7 @@ def main() -> None:
         print("round 0: tune on the pool as presumed normal", flush=True)
         run_round(ws, spec, echo=echo)
         pool_ids = pool_arrays(ws, 32).ids
-        truth = _truth(ws, pool_ids)
+        truth = pool_truth(ws, pool_ids)
         base_rate = float(truth.mean())
         queue0 = pq.read_table(ws.round_dir(0) / "scores.parquet").column("id").to_pylist()
         t = dict(zip(pool_ids, truth.tolist(), strict=True))

@@ -81,3 +81,12 @@ def test_simulate_labels_then_runs_a_round(ray_local, scored_copy, tmp_path, cap
     assert "round 0 " in status or "round 0:" in status
     assert "labels on its queue: " in status  # what the oracle answered on round 0's queue
     assert (scored_copy.round_dir(1) / "scores.parquet").exists()
+    # The report: the oracle's answers in order (its defects counted from the truth) and AUROC by round.
+    report = json.loads((scored_copy.root / "report" / "active_learning.json").read_text())
+    oracle = sorted(read_events(scored_copy.labels_dir).to_pylist(), key=lambda e: e["ts"])
+    assert report["defects_found"] == [int(e["label"] == "defect") for e in oracle]
+    assert len(report["test_auroc_by_round"]) == 2  # before the labels, and after round 1
+    assert set(report["policy_curves"]) == {"highest", "diverse", "uncertain", "random (mean of 20)"}
+    assert all(len(c) == 6 for c in report["policy_curves"].values())
+    assert report["policy_curves"]["highest"][-1] == sum(report["defects_found"])  # same queue, same order
+    assert (scored_copy.root / "report" / "active_learning.png").stat().st_size > 10_000
