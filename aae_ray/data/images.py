@@ -58,11 +58,24 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Bytes of any format PIL reads -> uint8 (H, W) gray or (H, W, 3) RGB. Raises ValueError if undecodable."""
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than allowed (a decompression bomb, or just too big)."""
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """Bytes of any format PIL reads -> uint8 (H, W) gray or (H, W, 3) RGB. Raises ValueError if undecodable,
+    ImageTooLarge if the header declares more than `max_pixels` pixels (checked before any pixel is decoded:
+    a few KB of PNG can expand to gigabytes, and PIL's own limit only warns below 2 x 89 M pixels)."""
     try:
         img = Image.open(io.BytesIO(data))
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            msg = f"{img.width}x{img.height} = {img.width * img.height:,} pixels is over the limit of {max_pixels:,}"
+            raise ImageTooLarge(msg)
         img.load()
+    except ImageTooLarge:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from exc
     except Exception as exc:  # PIL raises many types for bad bytes
         raise ValueError(f"cannot decode image: {exc}") from exc
     return to_uint8(img)
@@ -128,11 +141,12 @@ def merge_tables(old: pa.Table, new: pa.Table) -> pa.Table:
     return pa.concat_tables([old, new.take(pa.array(keep, type=pa.int64()))])
 
 
-def to_model_input(images: list[bytes], size: int) -> np.ndarray:
-    """PNG/JPEG bytes -> float32 (N, 1, size, size) in [0, 1]: gray, resized with antialiasing."""
+def to_model_input(images: list[bytes], size: int, max_pixels: int | None = None) -> np.ndarray:
+    """PNG/JPEG bytes -> float32 (N, 1, size, size) in [0, 1]: gray, resized with antialiasing. One image is
+    decoded at a time; `max_pixels` bounds each (decode_image)."""
     out = np.empty((len(images), 1, size, size), dtype=np.float32)
     for i, data in enumerate(images):
-        pixels = decode_image(data)
+        pixels = decode_image(data, max_pixels)
         img = Image.fromarray(pixels).convert("L")
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
