@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--port", type=int, default=8501)
     label.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
 
+    srv = sub.add_parser("serve", help="the promoted model behind an HTTP endpoint (Ray Serve) until Ctrl-C")
+    srv.add_argument("workspace", type=Path)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--replicas", type=_replicas, default=1, help="N, or auto (autoscale 1..CPUs or GPUs)")
+    srv.add_argument("--token", default=os.environ.get("AAE_RAY_SERVE_TOKEN"),
+                     help="require 'Authorization: Bearer T' (default: $AAE_RAY_SERVE_TOKEN; none: open)")
+    srv.add_argument("--max-batch", type=int, default=32, help="images scored in one forward pass")
+    srv.add_argument("--address", help="deploy on this Ray cluster (default: start Ray here)")
+
     rnd = sub.add_parser("round", help="labels -> tune -> compare -> promote if better -> new queue")
     rnd.add_argument("workspace", type=Path)
     _search_arguments(rnd)
@@ -93,6 +103,12 @@ def _search_arguments(p: argparse.ArgumentParser, address: bool = True) -> None:
     if address:
         p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start Ray here)")
     p.add_argument("--num-samples", type=int, help="number of trials (overrides the spec)")
+
+
+def _replicas(value: str) -> int | str:
+    if value == "auto" or (value.isdigit() and int(value) >= 1):
+        return value if value == "auto" else int(value)
+    raise argparse.ArgumentTypeError(f"expected a number of replicas >= 1 or auto, got {value!r}")
 
 
 def _policy_argument(p: argparse.ArgumentParser) -> None:

@@ -316,10 +316,34 @@ def demo(args: argparse.Namespace) -> int:
     out = run_round(ws, spec)
     after = artifacts.read_metrics(ws.current_model_dir())
     print(f"round {out.round_no}: {'promoted' if out.promoted else 'kept the current model'} ({out.reason})")
+    _demo_serve(ws, out.queue)
     print(f"demo done: round {round_no}'s best trial had test AUROC {_fmt(m['test_auroc'])} and {hits}/10 real "
           f"defects among its top pool suspects; labeling found {batch.n_defects} defects in {len(batch.ids)} "
           f"labels; the promoted model's test AUROC is now {_fmt(after.get('test_auroc'))}; queue in {out.queue}")
     return 0
+
+
+def _demo_serve(ws: Workspace, queue: Path) -> None:
+    """`aae-ray serve` for a moment: two top suspects and two of the most normal pool images scored over HTTP."""
+    import pyarrow.parquet as pq
+
+    from aae_ray import serving
+    from aae_ray.client import Client
+
+    rows = pq.read_table(queue, columns=["id", "t2"]).to_pylist()
+    picks = rows[:2] + rows[-2:] if len(rows) > 4 else rows
+    table = ws.images()
+    image = dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True))
+    port = serving.free_port()
+    print(f"== serve the promoted model on http://127.0.0.1:{port} (what `aae-ray serve {ws.root}` runs) and score "
+          f"{len(picks)} pool images over HTTP")
+    cfg = serving.settings(workspace=ws.root, num_cpus=0)  # reserves no CPU: it starts whatever Ray is running
+    with serve_app().running(cfg, port=port) as url:
+        answer = Client(url).score_response([image[r["id"]] for r in picks])
+    for r, res in zip(picks, answer["results"], strict=True):
+        print(f"  {r['id']}  T2 {res['t2']:8.2f} over HTTP ({r['t2']:8.2f} offline)  "
+              + ("ANOMALY" if res["anomaly"] else "normal"))
+    print(f"answered by round {answer['model']['round']} ({answer['model']['path']}); the endpoint is stopped")
 
 
 def _print_tune_summary(round_dir: Path) -> None:

@@ -1,0 +1,1 @@
+"""The Ray Serve shell over aae_ray.serving (see app.py)."""

@@ -1,0 +1,169 @@
+"""The Ray Serve application: the promoted model of a workspace behind POST /score, GET /health, GET /model.
+
+    serve run serve.app:build_app workspace=WS [token=T] [max_batch_size=32] [replicas=auto]   # from the repo root
+    aae-ray serve WS [--host 127.0.0.1] [--port 8000] [--replicas N|auto] [--token T] [--max-batch B]
+
+A thin shell: request handling, limits, scoring and hot reload live in `aae_ray.serving`. Here: the deployment,
+its batching (`@serve.batch` over single images, so a request of k images adds k items and any mix of requests
+fills a forward pass), its resources and autoscaling, and starting and stopping Serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import ray
+from ray import cloudpickle, serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from aae_ray.serving import Item, ScoringService, ServeSettings, settings
+
+APP_NAME = "aae-ray"
+# Replicas get this module by value: `pip install -e .` installs only `aae_ray`, so they could not import it.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@serve.deployment
+class Scorer:
+    def __init__(self, cfg: ServeSettings):
+        import torch
+
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # one thread a reserved CPU: torch's default (all cores) oversubscribes them
+            torch.set_num_threads(max(1, int(cfg.num_cpus)))
+        self.service = ScoringService(cfg, device)
+        self.service.start_watching()
+        self.score_one.set_max_batch_size(cfg.max_batch_size)
+        self.score_one.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def score_one(self, items: list[Item]) -> list[dict[str, Any]]:
+        # In a thread: the event loop keeps reading and decoding requests while this batch runs.
+        return await asyncio.to_thread(self.service.score_items, items)
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        path, root = request.scope["path"], request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        reply = await self.service.handle(request.method, path, request.headers, request.query_params,
+                                          request.stream(), self.score_one)
+        return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+
+    def __del__(self):
+        self.service.stop()
+
+
+def deployment_options(cfg: ServeSettings) -> dict[str, Any]:
+    """Resources, concurrency and scaling. `max_ongoing_requests` is twice the batch size, so one batch can fill
+    while another runs (at Serve's default of 5 batches never fill). With replicas "auto", Serve keeps 1 to
+    (GPUs, or CPUs / num_cpus) replicas, aiming at half a batch of requests in flight on each: more means
+    requests queue behind a full batch, so it adds a replica after 5 s; fewer for 60 s, it removes one."""
+    cpus, gpus = _cluster_resources()
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+    opts: dict[str, Any] = {"max_ongoing_requests": 2 * cfg.max_batch_size,
+                            "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": 1 if use_gpu else 0}}
+    if cfg.replicas == "auto":
+        most = int(gpus) if use_gpu else int(cpus // cfg.num_cpus) if cfg.num_cpus else int(cpus)
+        opts["autoscaling_config"] = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": max(1, most),
+                                      "target_ongoing_requests": max(1, cfg.max_batch_size // 2),
+                                      "upscale_delay_s": 5.0, "downscale_delay_s": 60.0}
+    else:
+        opts["num_replicas"] = cfg.replicas
+    return opts
+
+
+def _cluster_resources() -> tuple[float, float]:
+    if ray.is_initialized():
+        res = ray.cluster_resources()
+        return res.get("CPU", 1.0), res.get("GPU", 0.0)
+    import torch  # `serve run` calls the builder before it connects: count this machine
+
+    return float(os.cpu_count() or 1), float(torch.cuda.device_count())
+
+
+def application(cfg: ServeSettings):
+    return Scorer.options(**deployment_options(cfg)).bind(cfg)
+
+
+def build_app(args: dict[str, str]):
+    """`serve run serve.app:build_app workspace=WS key=value ...`: keys are aae_ray.serving.ServeSettings'."""
+    return application(settings(**args))
+
+
+def start(cfg: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
+          route_prefix: str = "/") -> DeploymentHandle:
+    """Deploy on the connected Ray (Serve's HTTP proxy on host:port, started if needed); returns when ready."""
+    serve.start(http_options={"host": host, "port": port})
+    return serve.run(application(cfg), name=name, route_prefix=route_prefix)
+
+
+@contextmanager
+def running(cfg: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000) -> Iterator[str]:
+    """Serve for the length of a `with` block on the connected Ray (a local one if none); yields the URL.
+    Serve is shut down at the end, Ray left as it was found."""
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        start(cfg, host=host, port=port)
+        yield f"http://{host}:{port}"
+    finally:
+        serve.shutdown()
+        if own_ray:
+            ray.shutdown()
+
+
+def serve_forever(cfg: ServeSettings, *, host: str, port: int, address: str | None = None,
+                  echo: Callable[[str], None] = print) -> None:
+    """`aae-ray serve`: start, print how to query, report promotions, and on SIGINT/SIGTERM shut down what we
+    started (our own local Ray; on a cluster, only our application)."""
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        if address:
+            os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 clusters refuse callers without it
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        svc_round = _current_round(cfg)
+        start(cfg, host=host, port=port)
+        url = f"http://{host}:{port}"
+        echo(f"serving round {svc_round} of {cfg.workspace} at {url} (POST /score, GET /health, GET /model); "
+             f"Ctrl-C stops it")
+        echo(f"  try: curl -s -F file=@image.png {url}/score"
+             + (' -H "Authorization: Bearer $TOKEN"' if cfg.token else ""))
+        while not stop.wait(1.0):
+            now = _current_round(cfg)
+            if now != svc_round:
+                echo(f"round {now} was promoted: the replicas load it while serving")
+                svc_round = now
+        echo("shutting down")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if own_ray and not address:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(APP_NAME)
+
+
+def _current_round(cfg: ServeSettings) -> int | None:
+    from aae_ray.workspace import Workspace
+
+    try:
+        cur = Workspace.open(cfg.workspace).current()
+    except ValueError:
+        return None
+    return cur.get("round") if cur else None
