@@ -45,7 +45,7 @@ class Scorer:
         self.score_one.set_max_batch_size(cfg.max_batch_size)
         self.score_one.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)  # replaced per instance from the settings
     async def score_one(self, items: list[Item]) -> list[dict[str, Any]]:
         # In a thread: the event loop keeps reading and decoding requests while this batch runs.
         return await asyncio.to_thread(self.service.score_items, items)

@@ -45,8 +45,8 @@ def offline_t2(ws_dir, round_no: int, images: list[bytes]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def served(ray_local, scored_ws, tmp_path_factory):
-    """(url, workspace): the open application at url, the token-protected one at url/secure. Round 1 exists
-    (another seed) but is not promoted."""
+    """(url, workspace): the open application at url (one replica), the token-protected one at url/secure
+    (autoscaling). Round 1 exists (another seed) but is not promoted."""
     from ray import serve
 
     from aae_ray.commands import serve_app
@@ -58,7 +58,8 @@ def served(ray_local, scored_ws, tmp_path_factory):
     common = {"workspace": ws_dir, "num_cpus": 0.5, "max_batch_size": 16, "reload_interval_s": 0.5, **LIMITS}
     try:
         app.start(serving.settings(**common), port=port, name="open", route_prefix="/")
-        app.start(serving.settings(**common, token=TOKEN), port=port, name="secure", route_prefix="/secure")
+        app.start(serving.settings(**common, token=TOKEN, replicas="auto"), port=port, name="secure",
+                  route_prefix="/secure")
         yield f"http://127.0.0.1:{port}", ws_dir
     finally:
         serve.shutdown()
@@ -296,6 +297,9 @@ def test_16_clients_x_50_requests_while_a_model_is_promoted_never_fail(served):
     assert new, "no response named the promoted round while the clients were running"
     assert all(round_no == 1 for start, _, round_no, _, _ in done if start > min(new))
     assert requests.get(f"{url}/model", timeout=TIMEOUT).json()["metrics"]["round"] == 1
+    batching = requests.get(f"{url}/health", timeout=TIMEOUT).json()["batching"]
+    assert 2 <= batching["largest_batch"] <= 16  # concurrent requests shared forward passes, up to max_batch_size
+    assert batching["batches"] < batching["images"]
 
 
 # --- the command -----------------------------------------------------------------------------------------------
@@ -361,3 +365,20 @@ def test_aae_ray_serve_answers_until_sigint_then_stops_cleanly(scored_ws, image,
     assert "shutting down" in out and "Traceback" not in out
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/health", timeout=5)
+
+
+def test_deployment_options_batch_scale_and_place_replicas(ray_local, tmp_path):
+    """Batches can fill (max_ongoing_requests = 2 x batch); auto scales 1..CPUs/num_cpus at half a batch in flight
+    a replica; a replica takes a whole GPU when asked for one (or, with device auto, when the cluster has GPUs)."""
+    from aae_ray.commands import serve_app
+
+    options = serve_app().deployment_options
+    fixed = options(serving.settings(workspace=tmp_path, replicas=3, max_batch_size=32))
+    assert fixed["num_replicas"] == 3 and fixed["max_ongoing_requests"] == 64
+    assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}  # ray_local has no GPU
+    auto = options(serving.settings(workspace=tmp_path, replicas="auto", max_batch_size=32, num_cpus=0.5))
+    assert "num_replicas" not in auto
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4,
+                                         "target_ongoing_requests": 16, "upscale_delay_s": 5.0,
+                                         "downscale_delay_s": 60.0}
+    assert options(serving.settings(workspace=tmp_path, device="cuda"))["ray_actor_options"]["num_gpus"] == 1
