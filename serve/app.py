@@ -58,8 +58,9 @@ class Scorer:
                                           request.stream(), self.score_one)
         return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
 
-    def __del__(self):
-        self.service.stop()
+    def __del__(self):  # Serve calls it when the replica shuts down
+        if hasattr(self, "service"):
+            self.service.stop()
 
 
 def deployment_options(cfg: ServeSettings) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""The endpoint's logic without Ray (aae_ray.serving): decoding and limits, tokens, routes, scoring, hot reload.
-tests/test_serve.py runs the same code behind a real Ray Serve."""
+"""The endpoint's logic without Ray (aae_ray.http_input, aae_ray.serving): decoding and limits, tokens, routes,
+scoring, hot reload. tests/test_serve.py runs the same code behind a real Ray Serve."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aae_ray import artifacts, serving
+from aae_ray import artifacts, http_input, serving
 from aae_ray.data.images import ImageTooLarge, decode_image, to_model_input
-from aae_ray.serving import RequestError, decode_request, prepare
+from aae_ray.http_input import RequestError, decode_request, prepare
 from aae_ray.workspace import Workspace
 
 
@@ -101,7 +101,7 @@ def test_the_body_limit_holds_with_and_without_a_content_length():
             yield b"x" * size
 
     def read(n: int, declared: str | None) -> bytes:
-        return asyncio.run(serving.read_body(chunks(n), declared, limit=5000))
+        return asyncio.run(http_input.read_body(chunks(n), declared, limit=5000))
 
     assert len(read(5, "5000")) == 5000
     for declared in ("5001", None):  # declared too large: refused before reading; undeclared: while reading
@@ -117,7 +117,7 @@ def test_images_are_preprocessed_as_in_training_whatever_their_format():
     rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
-    uploads = [serving.Upload(GRAY), serving.Upload(png(rgb)), serving.Upload(buf.getvalue())]
+    uploads = [http_input.Upload(GRAY), http_input.Upload(png(rgb)), http_input.Upload(buf.getvalue())]
     X = prepare(uploads, 32, max_pixels=10_000)
     assert X.shape == (3, 1, 32, 32) and X.dtype == np.float32
     np.testing.assert_array_equal(X, to_model_input([u.data for u in uploads], 32))
@@ -128,10 +128,10 @@ def test_a_decompression_bomb_is_refused_from_its_header():
     with pytest.raises(ImageTooLarge):
         decode_image(bomb, max_pixels=25_000_000)
     with pytest.raises(RequestError) as info:
-        prepare([serving.Upload(GRAY), serving.Upload(bomb, "bomb.png")], 32, max_pixels=25_000_000)
+        prepare([http_input.Upload(GRAY), http_input.Upload(bomb, "bomb.png")], 32, max_pixels=25_000_000)
     assert info.value.status == 413 and "image 1 (bomb.png)" in info.value.message
     with pytest.raises(RequestError) as info:  # one pixel over a small limit
-        prepare([serving.Upload(GRAY)], 32, max_pixels=64 * 48 - 1)
+        prepare([http_input.Upload(GRAY)], 32, max_pixels=64 * 48 - 1)
     assert info.value.status == 413
     assert decode_image(GRAY, max_pixels=64 * 48).shape == (48, 64)  # at the limit: decoded as always
 
@@ -139,23 +139,23 @@ def test_a_decompression_bomb_is_refused_from_its_header():
 @pytest.mark.parametrize("data", [b"garbage", GRAY[: len(GRAY) // 2]], ids=["not-an-image", "truncated-png"])
 def test_undecodable_images_are_400_naming_the_image(data):
     with pytest.raises(RequestError) as info:
-        prepare([serving.Upload(GRAY), serving.Upload(data, "x.png")], 32, max_pixels=10**6)
+        prepare([http_input.Upload(GRAY), http_input.Upload(data, "x.png")], 32, max_pixels=10**6)
     assert info.value.status == 400 and info.value.message.startswith("image 1 (x.png):")
     assert "BytesIO" not in info.value.message
 
 
 def test_tokens_and_flags():
-    serving.check_token(None, None)
-    serving.check_token("Bearer s3cret", "s3cret")
-    serving.check_token("bearer s3cret", "s3cret")
+    http_input.check_token(None, None)
+    http_input.check_token("Bearer s3cret", "s3cret")
+    http_input.check_token("bearer s3cret", "s3cret")
     for header in (None, "", "Bearer", "Bearer wrong", "Basic s3cret", "s3cret"):
         with pytest.raises(RequestError) as info:
-            serving.check_token(header, "s3cret")
+            http_input.check_token(header, "s3cret")
         assert info.value.status == 401
-    assert serving.parse_flag("true", "explain") and serving.parse_flag("1", "explain")
-    assert not serving.parse_flag(None, "explain") and not serving.parse_flag("false", "explain")
+    assert http_input.parse_flag("true", "explain") and http_input.parse_flag("1", "explain")
+    assert not http_input.parse_flag(None, "explain") and not http_input.parse_flag("false", "explain")
     with pytest.raises(RequestError):
-        serving.parse_flag("maybe", "explain")
+        http_input.parse_flag("maybe", "explain")
 
 
 def test_settings_are_validated_with_the_key_named(tmp_path):
