@@ -28,6 +28,10 @@ from starlette.responses import JSONResponse
 from aae_ray.serving import Item, ScoringService, ServeSettings, settings
 
 APP_NAME = "aae-ray"
+# Serve's shutdown sends the driver a harmless error line; printing it makes Ray replace builtins.print for its
+# progress bars (ray.experimental.tqdm_ray), after which pickling anything holding `print` (a Tuner's echo=print)
+# fails in this process. Only the driver reads this, when it first prints such a line.
+os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
 # Replicas get this module by value: `pip install -e .` installs only `aae_ray`, so they could not import it.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
