@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="require 'Authorization: Bearer T' (default: $AAE_RAY_SERVE_TOKEN; none: open)")
     srv.add_argument("--max-batch", type=int, default=32, help="images scored in one forward pass")
     srv.add_argument("--address", help="deploy on this Ray cluster (default: start Ray here)")
+    srv.add_argument("--ingress", choices=["haproxy", "python"], default="haproxy",
+                     help="Serve's HTTP front end for a Ray started here: haproxy (fast) or Ray's Python proxy")
 
     rnd = sub.add_parser("round", help="labels -> tune -> compare -> promote if better -> new queue")
     rnd.add_argument("workspace", type=Path)

@@ -174,7 +174,7 @@ def serve(args: argparse.Namespace) -> int:
     serving.check_port(args.host, args.port)
     print(f"starting Ray Serve for round {model.round} ({model.path}, input {model.size}x{model.size}) ...",
           flush=True)
-    serve_app().serve_forever(cfg, host=args.host, port=args.port, address=args.address,
+    serve_app().serve_forever(cfg, host=args.host, port=args.port, address=args.address, ingress=args.ingress,
                               echo=lambda line: print(line, flush=True))
     return 0
 

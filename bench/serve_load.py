@@ -168,12 +168,6 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-INGRESS_ENV = {  # what `aae-ray serve --ingress` sets before Ray starts (aae_ray.serving.ingress_env)
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "python": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
-}
-
-
 def phase(ingress: str, sizes: list[int], clients_list: list[int], seconds: float, repeats: int) -> list[dict]:
     """One Ray session with one Serve ingress: every cell of the three servers, `repeats` times, in turns."""
     import ray
@@ -246,18 +240,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--ingress", nargs="+", default=["haproxy", "python"], choices=list(INGRESS_ENV))
+    ap.add_argument("--ingress", nargs="+", default=["haproxy", "python"], choices=["haproxy", "python"])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from serve.app import ingress_env
+
     t_start = time.perf_counter()
-    cells = []
+    cells, envs = [], {}
     for ingress in args.ingress:  # a fresh process each: Serve reads these variables once, when it starts
+        envs[ingress] = ingress_env(ingress)
         out = subprocess.run([sys.executable, __file__, "--phase", ingress, json.dumps(vars(args), default=str)],
-                             env={**os.environ, **INGRESS_ENV[ingress]}, stdout=subprocess.PIPE, text=True,
-                             check=True)
+                             env={**os.environ, **envs[ingress]}, stdout=subprocess.PIPE, text=True, check=True)
         cells += [{**c, "phase": ingress} for c in json.loads(out.stdout.strip().splitlines()[-1])]
     rows = summarise(cells)
     targets = {}
@@ -273,7 +270,7 @@ def main() -> None:
     doc = {"machine": machine(), "commit": COMMIT, "seconds": round(time.perf_counter() - t_start),
            "settings": {"seconds": args.seconds, "repeats": args.repeats, "torch_threads": THREADS,
                         "max_batch_size": 32, "request": "one PNG, raw image/png body",
-                        "ingress_env": {k: INGRESS_ENV[k] for k in args.ingress}},
+                        "ingress_env": envs},
            "rows": rows, "targets": targets}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_load.json").write_text(json.dumps(doc, indent=2) + "\n")

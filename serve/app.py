@@ -2,6 +2,7 @@
 
     serve run serve.app:build_app workspace=WS [token=T] [max_batch_size=32] [replicas=auto]   # from the repo root
     aae-ray serve WS [--host 127.0.0.1] [--port 8000] [--replicas N|auto] [--token T] [--max-batch B]
+                     [--ingress haproxy|python]
 
 A thin shell: request handling, limits, scoring and hot reload live in `aae_ray.serving`. Here: the deployment,
 its batching (`@serve.batch` over single images, so a request of k images adds k items and any mix of requests
@@ -25,13 +26,39 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from aae_ray.serving import Item, ScoringService, ServeSettings, settings
+from aae_ray.serving import Item, ScoringService, ServeSettings, free_port, settings
 
 APP_NAME = "aae-ray"
 # Serve's shutdown sends the driver a harmless error line; printing it makes Ray replace builtins.print for its
 # progress bars (ray.experimental.tqdm_ray), after which pickling anything holding `print` (a Tuner's echo=print)
 # fails in this process. Only the driver reads this, when it first prints such a line.
 os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
+# Serve's ingress, chosen before Ray starts (Serve reads these once, in its own processes). "haproxy": Ray 2.60's
+# HAProxy front end and direct replica data plane; on 2 cores it served 2.1x the requests of the Python proxy's
+# best (bench/results/serve_load.md). Its stats and Prometheus listeners bind every interface (Ray's template):
+# we move them to free ports so two endpoints on one machine do not collide. "python": Ray's Python proxy only.
+INGRESS_ENV = {
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "python": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+}
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+
+
+def ingress_env(ingress: str) -> dict[str, str]:
+    """The environment a Ray started here needs for this ingress (set it before `ray.init`)."""
+    if ingress not in INGRESS_ENV:
+        raise ValueError(f"ingress must be one of {', '.join(INGRESS_ENV)}, got {ingress!r}")
+    env = dict(INGRESS_ENV[ingress])
+    if ingress == "haproxy":
+        env |= {name: str(os.environ.get(name) or free_port()) for name in HAPROXY_PORTS}
+    return env
+
+
+def init_local_ray(ingress: str) -> None:
+    os.environ.update(ingress_env(ingress))
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+
+
 # Replicas get this module by value: `pip install -e .` installs only `aae_ray`, so they could not import it.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -112,12 +139,13 @@ def start(cfg: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000, name
 
 
 @contextmanager
-def running(cfg: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000) -> Iterator[str]:
-    """Serve for the length of a `with` block on the connected Ray (a local one if none); yields the URL.
-    Serve is shut down at the end, Ray left as it was found."""
+def running(cfg: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
+            ingress: str = "haproxy") -> Iterator[str]:
+    """Serve for the length of a `with` block on the connected Ray (a local one with this ingress if none); yields
+    the URL. Serve is shut down at the end, Ray left as it was found."""
     own_ray = not ray.is_initialized()
     if own_ray:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        init_local_ray(ingress)
     try:
         start(cfg, host=host, port=port)
         yield f"http://{host}:{port}"
@@ -128,16 +156,17 @@ def running(cfg: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000) ->
 
 
 def serve_forever(cfg: ServeSettings, *, host: str, port: int, address: str | None = None,
-                  echo: Callable[[str], None] = print) -> None:
+                  ingress: str = "haproxy", echo: Callable[[str], None] = print) -> None:
     """`aae-ray serve`: start, print how to query, report promotions, and on SIGINT/SIGTERM shut down what we
-    started (our own local Ray; on a cluster, only our application)."""
+    started (our own local Ray; on a cluster, only our application). A cluster's ingress is the one its
+    `ray start` was given (INGRESS_ENV in that environment)."""
     own_ray = not ray.is_initialized()
     if own_ray:
         if address:
             os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 clusters refuse callers without it
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+            init_local_ray(ingress)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -134,6 +134,13 @@ def ray_local():
     ray.shutdown()
 
 
+def listening_on(port: int) -> list[str]:
+    """The local addresses with a TCP socket listening on `port` (IPv4, from /proc/net/tcp): '127.0.0.1' etc."""
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    hexes = [r[1].split(":")[0] for r in rows if r[3] == "0A" and int(r[1].split(":")[1], 16) == port]  # 0A: LISTEN
+    return [".".join(str(b) for b in reversed(bytes.fromhex(h))) for h in hexes]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

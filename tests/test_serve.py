@@ -12,12 +12,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import requests
-from conftest import run_cli, tiny_config
+from conftest import listening_on, run_cli, tiny_config
 from PIL import Image
 from test_serving import multipart, png_bomb
 
@@ -324,6 +325,25 @@ def test_serve_refuses_bad_arguments_in_one_line(synthetic_ws, scored_ws, capsys
 
 
 @pytest.mark.slow
+def descendant_names(pid: int) -> set[str]:
+    """The command names of every process below `pid` (from /proc)."""
+    parent, name = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # gone meanwhile
+            continue
+        p = int(stat.parent.name)
+        name[p] = text[text.index("(") + 1 : text.rindex(")")]
+        parent[p] = int(text[text.rindex(")") + 2 :].split()[1])
+    below, found = {pid}, True
+    while found:
+        kids = {p for p, pp in parent.items() if pp in below} - below
+        below |= kids
+        found = bool(kids)
+    return {name[p] for p in below - {pid}}
+
+
 def test_aae_ray_serve_answers_until_sigint_then_stops_cleanly(scored_ws, image, tmp_path):
     """The real command in its own process: its own local Ray, the token, a promotion reported, Ctrl-C."""
     ws = Workspace.open(shutil.copytree(scored_ws, tmp_path / "ws"))
@@ -343,6 +363,9 @@ def test_aae_ray_serve_answers_until_sigint_then_stops_cleanly(scored_ws, image,
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"serving round 0 of {ws.root.resolve()} at {url}")
+        # The default ingress is Ray's HAProxy front end, and the endpoint listens on loopback only.
+        assert "haproxy" in descendant_names(proc.pid)
+        assert listening_on(port) == ["127.0.0.1"]
         with Client(url, token=TOKEN) as client:
             assert client.score(image)[0]["threshold"] > 0
         with pytest.raises(ServeError, match="401"):
