@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv system-deps demo test lint bench-fmnist bench-speed bench-tune bench-active-learning fmnist-data clean
+.PHONY: venv system-deps demo test lint bench-fmnist bench-speed bench-tune bench-active-learning bench-serve fmnist-data clean
 
 # (Re)install when the package metadata or the pins change. torch is pinned to the CPU wheel through
 # constraints.txt: unpinned, pip would pull a multi-GB CUDA build.
@@ -54,6 +54,9 @@ bench-tune: venv fmnist-data
 
 bench-active-learning: venv fmnist-data
 	$(BIN)/python bench/active_learning.py
+
+bench-serve: venv
+	$(BIN)/python bench/serve_load.py
 
 bench-speed: venv fmnist-data
 	$(BIN)/python bench/speed.py

@@ -27,6 +27,9 @@ from typing import Any
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # ...which it warns about
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 Tune then prints nothing: ProgressLines does
+# A Ray error line printed by the driver would swap builtins.print for tqdm_ray's, and a Tuner holding echo=print
+# could no longer be pickled ("Can't pickle <built-in function print>").
+os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
 
 import optuna  # noqa: E402
 import ray  # noqa: E402
