@@ -3,7 +3,12 @@
     weights.safetensors   the model's state dict (tensors only: loading never unpickles code)
     config.json           architecture and preprocessing (an AAEConfig)
     t2.json               latent mean, inverse covariance, n, p, alpha, threshold
+    score.json            families other than the AAE: their native score's threshold, method, alpha and the
+                          sorted normal scores behind its p-values (aae_ray.scoring.ScoreLimit)
     metrics.json          round, val_auroc, test_auroc (null where a split has no labels), trial, ...
+
+An AAE artifact has no score.json (its primary score is T2), so folders written before other families
+existed load unchanged.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from aae_ray import __version__
 from aae_ray.config import validate
 from aae_ray.detector import Detector
-from aae_ray.scoring import Hotelling
+from aae_ray.scoring import Hotelling, ScoreLimit
 from aae_ray.train import build_model
 
 FILES = ("weights.safetensors", "config.json", "t2.json", "metrics.json")
@@ -43,6 +48,8 @@ def save(detector: Detector, folder: Path, metrics: dict[str, Any]) -> Path:
     safetensors.torch.save_file(state, tmp / "weights.safetensors")
     _write_json(tmp / "config.json", detector.config.model_dump())
     _write_json(tmp / "t2.json", detector.hotelling_.to_dict())
+    if isinstance(detector.scorer_, ScoreLimit):
+        _write_json(tmp / "score.json", detector.scorer_.to_dict())
     versions = {"aae_ray": __version__, "torch": torch.__version__, "numpy": np.__version__,
                 "python": platform.python_version()}
     _write_json(tmp / "metrics.json", {"versions": versions, **metrics})
@@ -74,8 +81,18 @@ def load(folder: Path) -> Detector:
         raise ArtifactError(f"{folder}: weights do not match config.json: {str(exc)[:200]}") from None
     det.model_.eval()
     det.hotelling_ = _read_hotelling(folder / "t2.json", cfg.latent_dim)
-    det.threshold_ = det.hotelling_.threshold
+    det.scorer_ = _read_score_limit(folder / "score.json") if det.model_.native_score else det.hotelling_
+    det.threshold_ = det.scorer_.threshold
     return det
+
+
+def _read_score_limit(path: Path) -> ScoreLimit:
+    if not path.exists():
+        raise ArtifactError(f"{path.parent} is not a model artifact: missing {path.name}")
+    try:
+        return ScoreLimit.from_dict(_read_json(path))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"{path}: not score statistics ({type(exc).__name__}: {exc})") from None
 
 
 def _read_hotelling(path: Path, latent_dim: int) -> Hotelling:

@@ -18,7 +18,10 @@ class AAEConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    family: Literal["aae", "ae"] = "aae"  # "ae": the plain autoencoder baseline on the same backbone
+    # The model family (aae_ray.models.FAMILIES). aae scores by Hotelling's T2 of its latent; the source
+    # research's comparison methods score natively: ae reconstruction error, vae negative ELBO, deepsad the
+    # distance to its centre, egbad and anogan the residual + discriminator-feature loss.
+    family: Literal["aae", "ae", "vae", "deepsad"] = "aae"
     input_size: Literal[32, 64, 128] = 32  # 32x32 worked best for solder joints
     conv_blocks: int = Field(3, ge=2, le=5)  # conv, norm, LeakyReLU, stride 2; 3 worked best
     base_channels: int = Field(32, ge=4, le=128)  # channels of the first block, doubled per block
@@ -36,6 +39,14 @@ class AAEConfig(BaseModel):
     anomaly_ratio: float = Field(0.0, ge=0, lt=0.5)  # confirmed defects as a fraction of the training set
     defect_loss: Literal["none", "push"] = "none"  # "push": drive labeled defects' T2 up (Deep SAD-style)
     push_weight: float = Field(1.0, ge=0, le=100)
+    # Deep SAD (Ruff et al. 2020): weight of the labeled defects' inverse-distance term (eta in eq. 4), and the
+    # autoencoder pretraining epochs, counted within `epochs` (at least one Deep SAD epoch always runs).
+    eta: float = Field(1.0, ge=0, le=100)
+    pretrain_epochs: int = Field(5, ge=0, le=1000)
+    vae_score: Literal["elbo", "recon"] = "elbo"  # vae: negative ELBO at the posterior mean, or its recon error
+    # AnoGAN (Schlegl et al. 2017): Adam steps of the latent search that scores each image; its cost is linear
+    # in them (README: "Which model when"). The paper used 500; 50 keeps serving usable.
+    anogan_steps: int = Field(50, ge=1, le=5000)
     epochs: int = Field(20, ge=1, le=10_000)
     batch_size: int = Field(128, ge=2, le=8192)
     seed: int = 0

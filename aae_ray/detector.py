@@ -1,8 +1,14 @@
 """The detector interface every model family sits behind (PyOD's shape, scikit-learn's rules).
 
     det = Detector(config).fit(X, y)        # X: float32 (N, 1, S, S) in [0, 1]; y: 1 = confirmed defect
-    det.score_samples(X)                    # Hotelling's T2: higher = more abnormal
-    det.predict(X)                          # 1 where T2 > threshold_ (the F-distribution UCL)
+    det.score_samples(X)                    # the family's primary score: higher = more abnormal
+    det.predict(X)                          # 1 where the primary score > threshold_
+
+The primary score is Hotelling's T2 of the latent code for the AAE, and the family's native score for the
+others (aae_ray.models: AE reconstruction error, VAE negative ELBO, Deep SAD distance to c, EGBAD and AnoGAN
+residual + discriminator-feature loss). Every family has a latent, so `Scores.t2` is always Hotelling's T2 on
+it (fitted apart, `hotelling_`); `Scores.score` is the primary score, and `p_value`, `anomaly` and
+`threshold_` belong to it (`scorer_`: the Hotelling statistics for the AAE, a `ScoreLimit` for the others).
 
 `__init__` only stores; `fit` sets the attributes ending in `_`; their presence means fitted.
 """
@@ -17,7 +23,7 @@ import torch
 from torch import nn
 
 from aae_ray.config import AAEConfig
-from aae_ray.scoring import Hotelling
+from aae_ray.scoring import Hotelling, ScoreLimit
 from aae_ray.train import EpochCallback, EpochLog, build_model, fit_model, mix_defects
 
 log = logging.getLogger(__name__)
@@ -26,10 +32,11 @@ INFER_BATCH = 512
 
 @dataclass(frozen=True)
 class Scores:
-    t2: np.ndarray
-    p_value: np.ndarray
-    anomaly: np.ndarray  # bool: t2 > threshold
+    t2: np.ndarray  # Hotelling's T2 of the latent code
+    p_value: np.ndarray  # of the primary score
+    anomaly: np.ndarray  # bool: score > threshold
     recon_error: np.ndarray  # mean squared error per image
+    score: np.ndarray  # the primary score: t2 for the AAE, the family's native score for the others
 
 
 class Detector:
@@ -74,25 +81,37 @@ class Detector:
         return self
 
     def fit_statistics(self, X_normal: np.ndarray, X_heldout: np.ndarray | None = None) -> Detector:
-        """(Re)fit T2's mean and covariance on these normals; calibrate the limit on held-out ones if asked."""
-        hot = Hotelling.fit(self.encode(X_normal), alpha=self.config.alpha, trim=self.config.t2_trim)
-        if self.config.threshold == "calibrated" and X_heldout is not None and len(X_heldout):
-            hot = hot.calibrate(self.encode(X_heldout))
+        """(Re)fit T2's mean and covariance on these normals, and the primary score's threshold: calibrated on
+        held-out normals if asked (and there are any), else the F limit (T2) or the training quantile."""
+        cfg = self.config
+        heldout = X_heldout if cfg.threshold == "calibrated" and X_heldout is not None and len(X_heldout) else None
+        codes, native = self._codes_and_native(X_normal)
+        hot = Hotelling.fit(codes, alpha=cfg.alpha, trim=cfg.t2_trim)
+        held_codes, held_native = self._codes_and_native(heldout) if heldout is not None else (None, None)
+        if held_codes is not None:
+            hot = hot.calibrate(held_codes)
         self.hotelling_ = hot
-        self.threshold_ = hot.threshold
+        self.scorer_ = ScoreLimit.fit(native, held_native, cfg.alpha) if native is not None else hot
+        self.threshold_ = self.scorer_.threshold
         return self
+
+    def _codes_and_native(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        native = self.model_.native_score
+        out = self._run(X, lambda m, xb: _codes_score(m, xb, native))
+        return (out[:, :-1], out[:, -1]) if native else (out, None)
 
     # --- inference ----------------------------------------------------------------------------------------
 
     def encode(self, X: np.ndarray) -> np.ndarray:
-        return self._run(X, lambda m, xb: m.encoder(xb))
+        return self._run(X, lambda m, xb: m.codes(xb))
 
     def reconstruct(self, X: np.ndarray) -> np.ndarray:
-        return self._run(X, lambda m, xb: m(xb)[1])
+        return self._run(X, lambda m, xb: m.inference(xb)[1])
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
-        """Hotelling's T2 of each image's latent code."""
-        return self.hotelling_.t2(self.encode(X))
+        """The primary score of each image (T2 for the AAE, the native score for the other families)."""
+        codes, native = self._codes_and_native(X)
+        return self.hotelling_.t2(codes) if native is None else native.astype(np.float64)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return (self.score_samples(X) > self.threshold_).astype(np.int8)
@@ -106,16 +125,20 @@ class Detector:
         return ((self.reconstruct(X) - X) ** 2)[:, 0]
 
     def score(self, X: np.ndarray) -> Scores:
-        """Everything at once, from one forward pass."""
+        """Everything at once, from one forward pass (one latent search for AnoGAN)."""
         X = _check_images(X, self.config.input_size)
+        native = self.model_.native_score
 
-        def both(m: nn.Module, xb: torch.Tensor) -> torch.Tensor:
-            z, x_hat = m(xb)
-            return torch.cat([z, (x_hat - xb).pow(2).flatten(1).mean(1, keepdim=True)], 1)
+        def all_of(m: nn.Module, xb: torch.Tensor) -> torch.Tensor:
+            z, x_hat, score = m.inference(xb)
+            rec = (x_hat - xb).pow(2).flatten(1).mean(1, keepdim=True)  # (B, 1)
+            return torch.cat([z, rec] + ([score[:, None]] if native else []), 1)
 
-        out = self._run(X, both)
-        t2 = self.hotelling_.t2(out[:, :-1])
-        return Scores(t2, self.hotelling_.p_value(t2), t2 > self.threshold_, out[:, -1])
+        out = self._run(X, all_of)
+        p = self.config.latent_dim
+        t2 = self.hotelling_.t2(out[:, :p])
+        primary = out[:, p + 1].astype(np.float64) if native else t2
+        return Scores(t2, self.scorer_.p_value(primary), primary > self.threshold_, out[:, p], primary)
 
     def to(self, device: str | torch.device) -> Detector:
         """Run inference on this device (a loaded artifact starts on the CPU)."""
@@ -126,12 +149,19 @@ class Detector:
         X = _check_images(X, self.config.input_size)
         model = self.model_.eval()
         device = next(model.parameters()).device
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: AnoGAN's latent search needs autograd inside
             if len(X) == 0:  # run one blank image to learn the output's shape, keep none of it
                 return fn(model, torch.zeros((1, *X.shape[1:]), device=device)).cpu().numpy()[:0]
             outs = [fn(model, torch.from_numpy(X[i : i + INFER_BATCH]).to(device)).cpu().numpy()
                     for i in range(0, len(X), INFER_BATCH)]
         return np.concatenate(outs)
+
+
+def _codes_score(m: nn.Module, xb: torch.Tensor, native: bool) -> torch.Tensor:
+    if not native:
+        return m.codes(xb)
+    z, _, score = m.inference(xb)
+    return torch.cat([z, score[:, None]], 1)  # (B, p + 1)
 
 
 def _check_images(X: np.ndarray, size: int) -> np.ndarray:

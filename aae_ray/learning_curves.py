@@ -39,7 +39,7 @@ def policy_curves(ws: Workspace, budget: int, seed: int = 0) -> dict[str, list[f
     scores = det.score(pool.X)
     codes = det.encode(pool.X)
     curves: dict[str, list[float]] = {
-        p: np.cumsum(truth[queue_order(scores.t2, codes, det.threshold_, p)][:budget]).astype(float).tolist()
+        p: np.cumsum(truth[queue_order(scores.score, codes, det.threshold_, p)][:budget]).astype(float).tolist()
         for p in POLICIES}
     rng = np.random.default_rng(seed)
     draws = [np.cumsum(truth[rng.permutation(len(truth))][:budget]) for _ in range(N_RANDOM)]

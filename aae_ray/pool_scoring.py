@@ -33,9 +33,10 @@ POOL = "pool"
 class PoolScores:
     ids: list[str]
     t2: np.ndarray  # float64 (N,)
-    p_value: np.ndarray  # float64 (N,)
-    anomaly: np.ndarray  # bool (N,): t2 > the model's threshold
+    p_value: np.ndarray  # float64 (N,), of the primary score
+    anomaly: np.ndarray  # bool (N,): score > the model's threshold
     codes: np.ndarray | None  # float32 (N, latent_dim) when asked for, else None
+    score: np.ndarray  # float64 (N,): the family's primary score (aae_ray.detector); t2 for the AAE
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -63,9 +64,12 @@ class _Scorer:
         X = to_model_input(batch.column("image").to_pylist(), det.config.input_size)
         codes = det.encode(X)
         t2 = det.hotelling_.t2(codes)
+        # The AAE's primary score is T2 of the codes (the encoder alone); the other families run their own.
+        score = t2 if not det.model_.native_score else det.score(X).score
         columns = {"id": batch.column("id"), "t2": pa.array(t2, pa.float64()),
-                   "p_value": pa.array(det.hotelling_.p_value(t2), pa.float64()),
-                   "anomaly": pa.array(t2 > det.threshold_, pa.bool_())}
+                   "p_value": pa.array(det.scorer_.p_value(score), pa.float64()),
+                   "anomaly": pa.array(score > det.threshold_, pa.bool_()),
+                   "score": pa.array(score, pa.float64())}
         if self.with_codes:
             flat = pa.array(np.ascontiguousarray(codes, dtype=np.float32).reshape(-1), pa.float32())
             columns["codes"] = pa.FixedSizeListArray.from_arrays(flat, codes.shape[1])
@@ -166,9 +170,10 @@ def _in_order(result: pa.Table | None, pool_ids: pa.ChunkedArray, latent_dim: in
         p_value=rows.column("p_value").to_numpy().astype(np.float64, copy=False),
         anomaly=rows.column("anomaly").to_numpy(zero_copy_only=False).astype(bool, copy=False),
         codes=codes,
+        score=rows.column("score").to_numpy().astype(np.float64, copy=False),
     )
 
 
 def _empty(latent_dim: int, with_codes: bool) -> PoolScores:
     return PoolScores([], np.empty(0, np.float64), np.empty(0, np.float64), np.empty(0, bool),
-                      np.empty((0, latent_dim), np.float32) if with_codes else None)
+                      np.empty((0, latent_dim), np.float32) if with_codes else None, np.empty(0, np.float64))

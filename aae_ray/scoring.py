@@ -135,6 +135,49 @@ class Hotelling:
                    float(d["ucl_f"]), None if cal is None else np.asarray(cal, dtype=np.float64))
 
 
+@dataclass(frozen=True)
+class ScoreLimit:
+    """Threshold and p-values for a family's native score (reconstruction error, negative ELBO, distance to a
+    centre, GAN residual), which follows no known distribution: conformal on held-out normals like
+    `Hotelling.calibrate`; without enough of them, the (1 - alpha) quantile of the training normals' scores
+    (PyOD's rule), which is optimistic: those images were trained on."""
+
+    alpha: float
+    threshold: float
+    calibration: np.ndarray  # sorted scores of the normals the threshold came from
+    method: str  # "calibrated" (held-out normals) or "train_quantile"
+    ucl_f: float = float("nan")  # no F limit for a native score; kept so reports can treat both alike
+
+    @classmethod
+    def fit(cls, train_scores: np.ndarray, heldout_scores: np.ndarray | None, alpha: float) -> ScoreLimit:
+        for scores, method in ((heldout_scores, "calibrated"), (train_scores, "train_quantile")):
+            if scores is None:
+                continue
+            scores = np.sort(np.asarray(scores, dtype=np.float64))
+            if not np.isfinite(scores).all():
+                raise ValueError("anomaly scores of the normals are not finite")
+            rank = int(np.ceil((1 - alpha) * (len(scores) + 1)))
+            if rank <= len(scores):
+                return cls(alpha, float(scores[rank - 1]), scores, method)
+        scores = np.sort(np.asarray(train_scores, dtype=np.float64))
+        return cls(alpha, float(scores[-1]), scores, "train_max")  # too few images for the rank at alpha
+
+    def p_value(self, score: np.ndarray) -> np.ndarray:
+        """P(score >= s) for a new normal image, from the normals the threshold came from."""
+        cal = self.calibration
+        above = len(cal) - np.searchsorted(cal, np.asarray(score, dtype=np.float64), side="left")
+        return (1.0 + above) / (len(cal) + 1.0)
+
+    def to_dict(self) -> dict:
+        return {"alpha": self.alpha, "threshold": self.threshold, "method": self.method,
+                "calibration": self.calibration.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScoreLimit:
+        return cls(float(d["alpha"]), float(d["threshold"]), np.asarray(d["calibration"], dtype=np.float64),
+                   str(d["method"]))
+
+
 # --- metrics: y is 1 = defect, 0 = normal; a higher score means more abnormal -------------------------
 
 

@@ -103,9 +103,9 @@ class LoadedModel:
 
     def info(self) -> dict[str, Any]:
         """GET /model: the promoted round, its metrics, threshold and config."""
-        hot = self.detector.hotelling_
+        lim = self.detector.scorer_  # the primary score's statistics (T2's for the AAE)
         return {**self.summary(), "reason": self.reason, "threshold": _num(self.detector.threshold_),
-                "threshold_method": hot.method, "alpha": hot.alpha, "device": self.device,
+                "threshold_method": lim.method, "alpha": lim.alpha, "device": self.device,
                 "metrics": self.metrics, "config": self.detector.config.model_dump()}
 
 
@@ -237,10 +237,14 @@ class ScoringService:
 
 
 def score_images(det: Detector, X: np.ndarray, explain: list[bool]) -> list[dict[str, Any]]:
-    """X: float32 (N, 1, S, S) -> one result dict an image; a heat map (base64 PNG) where explain is set."""
+    """X: float32 (N, 1, S, S) -> one result dict an image; a heat map (base64 PNG) where explain is set.
+
+    `score` is the model family's primary score (aae_ray.detector), which `p_value`, `threshold` and `anomaly`
+    refer to; `t2` is Hotelling's T2 of the latent code (equal to `score` for the AAE)."""
     s = det.score(X)
-    results = [{"t2": _num(s.t2[i]), "p_value": _num(s.p_value[i]), "threshold": _num(det.threshold_),
-                "anomaly": bool(s.anomaly[i]), "recon_error": _num(s.recon_error[i])} for i in range(len(X))]
+    results = [{"score": _num(s.score[i]), "t2": _num(s.t2[i]), "p_value": _num(s.p_value[i]),
+                "threshold": _num(det.threshold_), "anomaly": bool(s.anomaly[i]),
+                "recon_error": _num(s.recon_error[i])} for i in range(len(X))]
     wanted = [i for i, e in enumerate(explain) if e]
     if wanted:
         maps = det.anomaly_map(X[wanted])  # (k, S, S)

@@ -1,10 +1,9 @@
-"""The training loop: plain PyTorch, no Ray. Read it top to bottom.
+"""The training loop: plain PyTorch, no Ray, the same for every model family. Read it top to bottom.
 
-Each minibatch runs three steps in a fixed order (Makhzani et al. 2015, section 2):
-  1. reconstruction: encoder + decoder minimise the reconstruction error (and push defects out, if asked);
-  2. discriminator: tells samples of N(0, I) from the (detached) codes of this batch;
-  3. generator: the encoder alone learns to make its codes look like prior samples.
-A plain autoencoder runs step 1 only.
+Each epoch hands the model its phase change (`start_epoch`), then each minibatch to `model.train_step`, which
+owns its losses and the order of its steps (the AAE: reconstruction, discriminator, generator, as in
+Makhzani et al. 2015, section 2; aae_ray.models.base has the contract). Every logged loss is checked: a NaN
+or infinite one raises TrainingDiverged, which a Tune trial reports as a failed trial with its reason.
 """
 
 from __future__ import annotations
@@ -20,9 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 from aae_ray.config import AAEConfig
-from aae_ray.models import AdversarialAutoencoder, Autoencoder
-
-GRAD_CLIP = 5.0  # keeps an occasional huge push/adversarial gradient from blowing up the weights
+from aae_ray.models import FAMILIES
+from aae_ray.models.base import GRAD_CLIP  # noqa: F401  (re-exported)
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,7 +46,7 @@ def resolve_device(cfg: AAEConfig) -> torch.device:
 
 
 def build_model(cfg: AAEConfig) -> nn.Module:
-    return AdversarialAutoencoder(cfg) if cfg.family == "aae" else Autoencoder(cfg)
+    return FAMILIES[cfg.family](cfg)
 
 
 def mix_defects(
@@ -83,11 +81,12 @@ def fit_model(
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[EpochLog] = []
     for epoch in range(1, cfg.epochs + 1):
+        model.start_epoch(epoch, x[~defect])
         model.train()
         start, sums, steps = time.perf_counter(), {}, 0
         batches = _batches(len(x), cfg.batch_size, gen)
         for idx in tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress):
-            logs = train_step(model, optimizers, x[idx].to(device), defect[idx].to(device), cfg)
+            logs = model.train_step(x[idx].to(device), defect[idx].to(device), optimizers)
             _check_finite(logs, epoch, steps, cfg)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -97,7 +96,8 @@ def fit_model(
         history.append(log)
         if on_epoch is not None:
             on_epoch(log, model)
-    recompute_batchnorm(model, x[~defect], cfg.batch_size)
+    if model.precise_bn:
+        recompute_batchnorm(model, x[~defect], cfg.batch_size)
     model.eval()
     return history
 
@@ -126,32 +126,8 @@ def recompute_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> N
 def train_step(
     model: nn.Module, opt: dict[str, torch.optim.Optimizer], xb: torch.Tensor, db: torch.Tensor, cfg: AAEConfig
 ) -> dict[str, float]:
-    # 1. reconstruction
-    loss, codes, logs = model.reconstruction_loss(xb, db)
-    _step(opt["rec"], loss, model)
-    if not model.adversarial:
-        return logs
-    # Codes of confirmed defects stay out of the prior matching when they are pushed away from it.
-    keep = ~db if cfg.defect_loss == "push" and bool(db.any()) else torch.ones_like(db)
-    if not bool(keep.any()):  # a batch of only pushed defects has nothing to match to the prior
-        return logs
-    # 2. discriminator: prior samples vs this batch's codes
-    for _ in range(cfg.disc_steps):
-        d_loss = model.discriminator_loss(codes[keep])
-        _step(opt["disc"], d_loss, model)
-    # 3. generator: the encoder tries to fool the discriminator
-    g_loss = model.generator_loss(xb[keep])
-    if cfg.adv_weight > 0:
-        _step(opt["gen"], g_loss, model)
-    return {**logs, "disc": d_loss.item(), "gen": g_loss.item()}
-
-
-def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, model: nn.Module) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-    optimizer.step()
+    """One minibatch of any family (kept for callers that drive steps themselves)."""
+    return model.train_step(xb, db, opt)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:

@@ -23,9 +23,11 @@ from aae_ray.train import EpochLog
 from aae_ray.workspace import Workspace
 
 Echo = Callable[[str], None]
+# `score` is the model family's primary score (T2 for the AAE), which ranks the queue and sets `anomaly`;
+# `t2` is Hotelling's T2 of the latent code for every family.
 SCORES_SCHEMA = pa.schema(
     [("id", pa.string()), ("t2", pa.float64()), ("p_value", pa.float64()), ("anomaly", pa.bool_()),
-     ("rank", pa.int32())]
+     ("rank", pa.int32()), ("score", pa.float64())]
 )
 
 
@@ -44,7 +46,7 @@ def train_round(ws: Workspace, cfg: AAEConfig, *, round_no: int = 0, echo: Echo 
     det = Detector(cfg).fit(data.X, data.y, on_epoch=on_epoch, progress=progress)
     metrics = {"round": round_no, "trial": None, "data_fingerprint": fingerprint(data),
                **evaluate(ws, det), "n_train": det.n_train_, "n_defects_mixed": det.n_defects_mixed_,
-               "threshold": det.threshold_, "threshold_method": det.hotelling_.method, "ucl_f": det.hotelling_.ucl_f,
+               "threshold": det.threshold_, "threshold_method": det.scorer_.method, "ucl_f": det.scorer_.ucl_f,
                "train_images_per_s": float(np.median([h.images_per_s for h in det.history_])),
                "final_losses": det.history_[-1].losses}
     normals = data.X[data.y == 0]
@@ -62,8 +64,9 @@ def evaluate(ws: Workspace, det: Detector) -> dict[str, Any]:
         if len(arr) == 0 or arr.y.min() == arr.y.max():
             continue
         s = det.score(arr.X)
-        out[f"{split}_auroc"] = scoring.auroc(arr.y, s.t2)
-        out[split] = {**scoring.summary(arr.y, s.t2, det.threshold_),
+        out[f"{split}_auroc"] = scoring.auroc(arr.y, s.score)
+        out[split] = {**scoring.summary(arr.y, s.score, det.threshold_),
+                      "t2_auroc": scoring.auroc(arr.y, s.t2),
                       "recon_auroc": scoring.auroc(arr.y, s.recon_error), "n": len(arr),
                       "n_defect": int(arr.y.sum())}
     return out
@@ -95,16 +98,16 @@ def score_pool(ws: Workspace, *, round_no: int | None = None, policy: str = "hig
         from aae_ray.pool_scoring import score_pool_ray
 
         ps = score_pool_ray(ws.images_path, model_dir, num_gpus=num_gpus, with_codes=policy == "diverse")
-        ids, t2, p_value, anomaly, codes = ps.ids, ps.t2, ps.p_value, ps.anomaly, ps.codes
+        ids, t2, score, p_value, anomaly, codes = ps.ids, ps.t2, ps.score, ps.p_value, ps.anomaly, ps.codes
     else:
         pool = pool_arrays(ws, size)
         s = det.score(pool.X)  # an empty pool gives empty scores
-        ids, t2, p_value, anomaly = pool.ids, s.t2, s.p_value, s.anomaly
+        ids, t2, score, p_value, anomaly = pool.ids, s.t2, s.score, s.p_value, s.anomaly
         codes = det.encode(pool.X) if policy == "diverse" else None
-    order = queue_order(t2, codes, det.threshold_, policy)
+    order = queue_order(score, codes, det.threshold_, policy)
     rank = np.empty(len(t2), dtype=np.int32)
     rank[order] = np.arange(1, len(t2) + 1)
-    table = pa.table({"id": ids, "t2": t2, "p_value": p_value, "anomaly": anomaly, "rank": rank},
+    table = pa.table({"id": ids, "t2": t2, "p_value": p_value, "anomaly": anomaly, "rank": rank, "score": score},
                      schema=SCORES_SCHEMA).take(order)
     path = ws.round_dir(ws.current()["round"] if round_no is None else round_no) / "scores.parquet"
     write_table_with(table, path, SCORES_SCHEMA)

@@ -56,7 +56,7 @@ def test_family_picks_the_model_class():
 
 
 @pytest.mark.parametrize(("key", "value"), [("conv_blocks", 1), ("conv_blocks", 6), ("input_size", 48),
-                                            ("latent_dim", 1), ("family", "vae"), ("anomaly_ratio", 0.5)])
+                                            ("latent_dim", 1), ("family", "vit"), ("anomaly_ratio", 0.5)])
 def test_config_rejects_values_outside_the_search_space(key, value):
     with pytest.raises(ValidationError, match=key):
         AAEConfig(**{key: value})

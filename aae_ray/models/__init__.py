@@ -1,6 +1,19 @@
-"""Pure nn.Modules, one family a file. They never import Ray, the CLI or the workspace."""
+"""Pure nn.Modules, one family a file. They never import Ray, the CLI or the workspace.
+
+FAMILIES maps the config's `family` to its model class; every class follows aae_ray.models.base's contract.
+"""
 
 from aae_ray.models.aae import AdversarialAutoencoder
 from aae_ray.models.ae import Autoencoder
+from aae_ray.models.base import FamilyModel
+from aae_ray.models.deepsad import DeepSAD
+from aae_ray.models.vae import VariationalAutoencoder
 
-__all__ = ["AdversarialAutoencoder", "Autoencoder"]
+FAMILIES: dict[str, type[FamilyModel]] = {
+    "aae": AdversarialAutoencoder,
+    "ae": Autoencoder,
+    "vae": VariationalAutoencoder,
+    "deepsad": DeepSAD,
+}
+
+__all__ = ["FAMILIES", "AdversarialAutoencoder", "Autoencoder", "DeepSAD", "FamilyModel", "VariationalAutoencoder"]

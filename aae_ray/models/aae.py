@@ -12,6 +12,7 @@ from torch import nn
 from aae_ray.config import AAEConfig
 from aae_ray.models import losses
 from aae_ray.models.backbone import Decoder, Encoder
+from aae_ray.models.base import FamilyModel, step
 
 
 class LatentDiscriminator(nn.Module):
@@ -30,8 +31,11 @@ class LatentDiscriminator(nn.Module):
         return self.net(z).squeeze(1)
 
 
-class AdversarialAutoencoder(nn.Module):
+class AdversarialAutoencoder(FamilyModel):
+    """Scores by Hotelling's T2 of its codes (the Detector's default: `inference` returns no native score)."""
+
     adversarial = True
+    native_score = False
 
     def __init__(self, cfg: AAEConfig):
         super().__init__()
@@ -73,3 +77,23 @@ class AdversarialAutoencoder(nn.Module):
             "disc": torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr_adv, betas=(0.5, 0.999)),
             "gen": torch.optim.Adam(self.encoder.parameters(), lr=cfg.lr_adv * cfg.adv_weight, betas=(0.5, 0.999)),
         }
+
+    def train_step(self, xb: torch.Tensor, db: torch.Tensor, opt: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
+        """Three steps in a fixed order (Makhzani et al. 2015, section 2)."""
+        cfg = self.cfg
+        # 1. reconstruction: encoder + decoder (and confirmed defects pushed out, if asked)
+        loss, codes, logs = self.reconstruction_loss(xb, db)
+        step(opt["rec"], loss)
+        # Codes of confirmed defects stay out of the prior matching when they are pushed away from it.
+        keep = ~db if cfg.defect_loss == "push" and bool(db.any()) else torch.ones_like(db)
+        if not bool(keep.any()):  # a batch of only pushed defects has nothing to match to the prior
+            return logs
+        # 2. discriminator: prior samples vs this batch's (detached) codes
+        for _ in range(cfg.disc_steps):
+            d_loss = self.discriminator_loss(codes[keep])
+            step(opt["disc"], d_loss)
+        # 3. generator: the encoder alone tries to fool the discriminator
+        g_loss = self.generator_loss(xb[keep])
+        if cfg.adv_weight > 0:
+            step(opt["gen"], g_loss)
+        return {**logs, "disc": d_loss.item(), "gen": g_loss.item()}

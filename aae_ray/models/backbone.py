@@ -15,27 +15,34 @@ def block_channels(cfg: AAEConfig) -> list[int]:
     return [min(cfg.base_channels * 2**i, MAX_CHANNELS) for i in range(cfg.conv_blocks)]
 
 
-def _fc(n_in: int, n_out: int, hidden: int) -> nn.Sequential:
+def _fc(n_in: int, n_out: int, hidden: int, bias: bool = True) -> nn.Sequential:
     if hidden == 0:
-        return nn.Sequential(nn.Linear(n_in, n_out))
-    return nn.Sequential(nn.Linear(n_in, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, n_out))
+        return nn.Sequential(nn.Linear(n_in, n_out, bias=bias))
+    return nn.Sequential(nn.Linear(n_in, hidden, bias=bias), nn.LeakyReLU(0.2), nn.Linear(hidden, n_out, bias=bias))
 
 
 class Encoder(nn.Module):
-    """(B, 1, S, S) -> (B, latent_dim): conv blocks (conv, BatchNorm, LeakyReLU, stride 2) then FC."""
+    """(B, 1, S, S) -> (B, out_dim): conv blocks (conv, BatchNorm, LeakyReLU, stride 2) then FC.
 
-    def __init__(self, cfg: AAEConfig):
+    `out_dim` defaults to latent_dim (the VAE asks for 2x: mean and log-variance); `latent_norm` defaults to the
+    config's; `bias=False` drops every bias and BatchNorm's affine shift, as Deep SAD needs (Ruff et al. 2018,
+    section 3.1: a bias lets the network map everything onto the centre)."""
+
+    def __init__(self, cfg: AAEConfig, *, out_dim: int | None = None, latent_norm: bool | None = None,
+                 bias: bool = True):
         super().__init__()
+        out_dim = cfg.latent_dim if out_dim is None else out_dim
+        latent_norm = cfg.latent_norm if latent_norm is None else latent_norm
         layers: list[nn.Module] = []
         c_in = 1
         for c_out in block_channels(cfg):
-            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                       nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(c_out, affine=bias), nn.LeakyReLU(0.2)]
             c_in = c_out
         self.conv = nn.Sequential(*layers)
         side = cfg.input_size >> cfg.conv_blocks
-        self.fc = _fc(c_in * side * side, cfg.latent_dim, cfg.fc_units)
-        self.norm = nn.BatchNorm1d(cfg.latent_dim, affine=False) if cfg.latent_norm else nn.Identity()
+        self.fc = _fc(c_in * side * side, out_dim, cfg.fc_units, bias=bias)
+        self.norm = nn.BatchNorm1d(out_dim, affine=False) if latent_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.fc(self.conv(x).flatten(1)))  # (B, latent_dim)
