@@ -7,6 +7,7 @@ from aae_ray.models.aae import AdversarialAutoencoder
 from aae_ray.models.ae import Autoencoder
 from aae_ray.models.base import FamilyModel
 from aae_ray.models.deepsad import DeepSAD
+from aae_ray.models.egbad import EGBAD
 from aae_ray.models.vae import VariationalAutoencoder
 
 FAMILIES: dict[str, type[FamilyModel]] = {
@@ -14,6 +15,8 @@ FAMILIES: dict[str, type[FamilyModel]] = {
     "ae": Autoencoder,
     "vae": VariationalAutoencoder,
     "deepsad": DeepSAD,
+    "egbad": EGBAD,
 }
 
-__all__ = ["FAMILIES", "AdversarialAutoencoder", "Autoencoder", "DeepSAD", "FamilyModel", "VariationalAutoencoder"]
+__all__ = ["EGBAD", "FAMILIES", "AdversarialAutoencoder", "Autoencoder", "DeepSAD", "FamilyModel",
+           "VariationalAutoencoder"]
