@@ -21,7 +21,7 @@ class AAEConfig(BaseModel):
     # The model family (aae_ray.models.FAMILIES). aae scores by Hotelling's T2 of its latent; the source
     # research's comparison methods score natively: ae reconstruction error, vae negative ELBO, deepsad the
     # distance to its centre, egbad and anogan the residual + discriminator-feature loss.
-    family: Literal["aae", "ae", "vae", "deepsad", "egbad"] = "aae"
+    family: Literal["aae", "ae", "vae", "deepsad", "egbad", "anogan"] = "aae"
     input_size: Literal[32, 64, 128] = 32  # 32x32 worked best for solder joints
     conv_blocks: int = Field(3, ge=2, le=5)  # conv, norm, LeakyReLU, stride 2; 3 worked best
     base_channels: int = Field(32, ge=4, le=128)  # channels of the first block, doubled per block

@@ -190,7 +190,7 @@ def test_serving_scores_a_family_model_with_its_primary_score(family_fit, solder
     assert "heatmap" in got[0] and "heatmap" not in got[1]
 
 
-@pytest.mark.parametrize("family", ["vae", "egbad"])
+@pytest.mark.parametrize("family", ["vae", "egbad", "anogan"])
 def test_the_pool_queue_of_a_family_model_ranks_by_its_score(family, ws_copy):
     assert run_cli("train", ws_copy, "--epochs", "2", *TINY_SET, f"--set=family={family}", "--set=anogan_steps=10",
                    "--no-progress") == 0

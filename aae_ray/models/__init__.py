@@ -5,6 +5,7 @@ FAMILIES maps the config's `family` to its model class; every class follows aae_
 
 from aae_ray.models.aae import AdversarialAutoencoder
 from aae_ray.models.ae import Autoencoder
+from aae_ray.models.anogan import AnoGAN
 from aae_ray.models.base import FamilyModel
 from aae_ray.models.deepsad import DeepSAD
 from aae_ray.models.egbad import EGBAD
@@ -16,7 +17,8 @@ FAMILIES: dict[str, type[FamilyModel]] = {
     "vae": VariationalAutoencoder,
     "deepsad": DeepSAD,
     "egbad": EGBAD,
+    "anogan": AnoGAN,
 }
 
-__all__ = ["EGBAD", "FAMILIES", "AdversarialAutoencoder", "Autoencoder", "DeepSAD", "FamilyModel",
+__all__ = ["EGBAD", "FAMILIES", "AdversarialAutoencoder", "AnoGAN", "Autoencoder", "DeepSAD", "FamilyModel",
            "VariationalAutoencoder"]
