@@ -110,8 +110,10 @@ def test_the_name_is_remembered_in_the_address_across_a_reload(lab_ws, tmp_path,
             page = open_page(ctx, url, "bob")
             page.wait_for_url(re.compile(r"labeler=bob"))
             page.reload()
-            page.get_by_text(re.compile(r"^Rank \d+ of \d+")).wait_for()
-            assert page.get_by_label("Your name").input_value() == "bob"
+            # The page is drawn in steps: wait (up to the timeout) for the box to show the remembered name.
+            sync_api.expect(page.get_by_label("Your name")).to_have_value("bob", timeout=TIMEOUT_MS)
+            sync_api.expect(page.get_by_role("button", name=re.compile(r"^Defect"))).to_be_enabled(
+                timeout=TIMEOUT_MS)
         finally:
             ctx.close()
 
