@@ -7,9 +7,9 @@ size. Only one batch per actor is ever decoded at a time here.
 
 The results equal in-process scoring (`artifacts.load(model_dir).score(pool_arrays(ws, size).X)`) to float
 precision: the same artifact, the same preprocessing (`to_model_input` at the config's `input_size`), the same
-Hotelling statistics. Only the encoder runs (T2, p-values and flags need the latent code alone, not the
-reconstruction). Arrays come back in the order of the pool rows in images.parquet, which is `pool_arrays`' order,
-whatever order Ray Data finishes the batches in.
+Hotelling statistics. For the AAE only the encoder runs (its score, T2, needs the latent code alone); the other
+families also run their own score (aae_ray.detector). Arrays come back in the order of the pool rows in
+images.parquet, which is `pool_arrays`' order, whatever order Ray Data finishes the batches in.
 
     scores = score_pool_ray(ws.images_path, ws.current_model_dir(), batch_size=512, num_gpus=0.0)
 """

@@ -137,7 +137,9 @@ def test_train_fingerprints_the_training_data(trained_ws):
 
 def test_score_writes_the_queue_with_the_design_columns(scored_ws):
     table = pq.read_table(scored_ws / "rounds" / "r000" / "scores.parquet")
-    assert table.column_names == ["id", "t2", "p_value", "anomaly", "rank"]
+    # `score` (the family's primary score, T2 for the AAE) was added after DESIGN.md's columns; it ranks the queue.
+    assert table.column_names == ["id", "t2", "p_value", "anomaly", "rank", "score"]
+    assert table.column("score").to_pylist() == table.column("t2").to_pylist()  # the AAE scores by T2
     assert table.schema.field("anomaly").type == pa.bool_()
 
 
@@ -161,7 +163,7 @@ def test_score_with_an_empty_pool_writes_an_empty_queue(trained_ws, tmp_path):
     assert run_cli("score", ws) == 0
     queue = pq.read_table(ws / "rounds" / "r000" / "scores.parquet")
     assert queue.num_rows == 0
-    assert queue.column_names == ["id", "t2", "p_value", "anomaly", "rank"]
+    assert queue.column_names == ["id", "t2", "p_value", "anomaly", "rank", "score"]
 
 
 def test_score_flags_and_p_values_come_from_the_promoted_model(scored_ws):

@@ -57,7 +57,8 @@ def train_trial(params: dict[str, Any], data: TrialData) -> None:
             return
         if log.epoch == cfg.epochs:
             return  # the finished detector reports below
-        det.fit_statistics(quick_normals)
+        if not det.model_.native_score:  # T2 needs its statistics; native scores do not (AnoGAN's cost a search)
+            det.fit_statistics(quick_normals)
         tune.report({**_objective(det, obj_X, obj_y, data.objective_source), **_epoch_metrics(log)})
 
     try:

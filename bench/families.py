@@ -1,0 +1,68 @@
+"""The model families on synthetic solder joints (README: "Which model when"), and AnoGAN's scoring cost.
+
+Each family: a small model (8 base channels, 32 FC units, a 32-dim latent, batch 64), 30 epochs (Deep SAD:
+15 of them pretraining) on the 340 fitting normals of a 400 + 120 joint set, test AUROC on its 102 test joints
+(42 defects) for seeds 0, 1, 2: the primary score, Hotelling's T2 of the latent, and the reconstruction error.
+The GANs use one discriminator step a batch and 64 discriminator units. Then AnoGAN's latent search at the
+default model size, 32x32, batch 64, 2 threads, per image. Run alone: other work skews the timings.
+
+    python bench/families.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from aae_ray.config import AAEConfig
+from aae_ray.data.synthetic import make_synthetic_records
+from aae_ray.detector import Detector
+from aae_ray.models import FAMILIES
+from aae_ray.scoring import auroc
+from aae_ray.train import build_model
+
+SMALL = {"base_channels": 8, "fc_units": 32, "batch_size": 64, "latent_dim": 32, "epochs": 30, "pretrain_epochs": 15}
+GAN = {"disc_steps": 1, "disc_units": 64}
+
+
+def solder() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    records = make_synthetic_records(seed=0, n_normal=400, n_defect=120, size=32)
+    X = np.stack([r.pixels for r in records]).astype(np.float32)[:, None] / 255.0
+    truth = np.array([r.truth for r in records])
+    split = np.array([r.split for r in records])
+    return X[(split != "test") & (truth == 0)], X[split == "test"], truth[split == "test"]
+
+
+def families() -> None:
+    torch.set_num_threads(1)
+    normals, Xt, yt = solder()
+    print("| family | primary score AUROC (seeds 0/1/2) | mean | T² AUROC (mean) | recon. error AUROC (mean) |")
+    print("|---|---|---|---|---|")
+    for fam in FAMILIES:
+        rows = []
+        for seed in (0, 1, 2):
+            cfg = AAEConfig(family=fam, seed=seed, **SMALL, **(GAN if fam in ("egbad", "anogan") else {}))
+            s = Detector(cfg).fit(normals).score(Xt)
+            rows.append((auroc(yt, s.score), auroc(yt, s.t2), auroc(yt, s.recon_error)))
+        a = np.array(rows)
+        print(f"| {fam} | {' / '.join(f'{v:.2f}' for v in a[:, 0])} | {a[:, 0].mean():.2f} | {a[:, 1].mean():.2f} | "
+              f"{a[:, 2].mean():.2f} |", flush=True)
+
+
+def anogan_cost() -> None:
+    torch.set_num_threads(2)
+    x = torch.rand(64, 1, 32, 32)
+    for steps in (50, 500):
+        torch.manual_seed(0)
+        model = build_model(AAEConfig(family="anogan", anogan_steps=steps)).eval()
+        model.search(x[:2])  # warm-up
+        start = time.perf_counter()
+        model.search(x)
+        print(f"AnoGAN latent search, {steps} steps: {(time.perf_counter() - start) / len(x) * 1000:.0f} ms an image")
+
+
+if __name__ == "__main__":
+    families()
+    anogan_cost()
