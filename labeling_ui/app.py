@@ -60,6 +60,18 @@ def heat_overlay(gray: np.ndarray, amap: np.ndarray, alpha: float = 0.8) -> np.n
     return (np.clip(rgb, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
+def score_metric(family: str, item: dict) -> tuple[str, str]:
+    """The queue ranks by the model's primary score: Hotelling's T² for the AAE, the family's own score for the
+    others (reconstruction error, negative ELBO, distance to Deep SAD's centre, ...), shown with its family."""
+    score = item.get("score", item["t2"])
+    return ("T²", f"{item['t2']:.2f}") if family == "aae" else (f"Score ({family})", f"{score:.4g}")
+
+
+def score_caption(item: dict) -> str:
+    score = item.get("score")
+    return f"T² {item['t2']:.1f}" if score is None or score == item["t2"] else f"score {score:.3g}"
+
+
 def to_uint8(x: np.ndarray) -> np.ndarray:
     return (np.clip(x, 0.0, 1.0) * 255).round().astype(np.uint8)
 
@@ -224,7 +236,7 @@ def card(ws: Workspace, item: dict, n_queue: int, labeler: str, round_no: int, m
     cols[1].image(upscale(to_uint8(recon), CARD_PX), caption="reconstruction")
     cols[2].image(upscale(heat_overlay(x[0, 0], amap), CARD_PX), caption="anomaly map (red: reconstruction error)")
     m = st.columns(4)
-    m[0].metric("T²", f"{item['t2']:.2f}")
+    m[0].metric(*score_metric(det.config.family, item))
     m[1].metric("p-value", f"{item['p_value']:.3g}")
     m[2].metric("Rank", item["rank"])
     m[3].metric("Above threshold", "yes" if item["anomaly"] else "no")
@@ -245,7 +257,7 @@ def grid(ws: Workspace, page: list[dict], labeler: str, round_no: int, model: st
     for i, r in enumerate(page):
         with cols[i % 4]:
             st.image(upscale(decode_image(images[r["id"]]), THUMB_PX),
-                     caption=f"#{r['rank']} · T² {r['t2']:.1f}")
+                     caption=f"#{r['rank']} · {score_caption(r)}")
             st.checkbox("defect", key=f"defect_{r['id']}", disabled=not labeler)
     b1, b2 = st.columns(2)
     b1.button("Save: ticked = defect, the rest normal", key="save_grid", type="primary", disabled=not labeler,

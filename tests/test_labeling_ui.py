@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import TINY_SET, run_cli
 
 from aae_ray import labels
 
@@ -149,3 +150,14 @@ def test_the_address_remembers_the_labeler_name(lab_ws):
     assert at.query_params["labeler"] == "bob"
     at.text_input(key="labeler").input("").run()
     assert "labeler" not in at.query_params
+
+
+def test_a_family_with_its_own_score_shows_that_score(ws_copy, monkeypatch):
+    """A VAE's queue is ranked by its negative ELBO, not T²: the card says so."""
+    assert run_cli("train", ws_copy, "--epochs", "1", *TINY_SET, "--set=family=vae", "--no-progress") == 0
+    assert run_cli("score", ws_copy) == 0
+    monkeypatch.setenv("AAE_RAY_WORKSPACE", str(ws_copy))
+    at = app()
+    first = min(pq.read_table(ws_copy / "rounds" / "r000" / "scores.parquet").to_pylist(), key=lambda r: r["rank"])
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Score (vae)"] == f"{first['score']:.4g}" and "T²" not in shown
