@@ -81,6 +81,12 @@ def scored_ws(trained_ws) -> Path:
     return trained_ws
 
 
+@pytest.fixture
+def scored_copy_path(scored_ws, tmp_path) -> Path:
+    """A writable copy of the scored workspace: labels, rounds and promotions may be added to it."""
+    return Path(shutil.copytree(scored_ws, tmp_path / "ws"))
+
+
 @dataclass(frozen=True)
 class Solder:
     """Synthetic solder joints as model input: X float32 (N, 1, 32, 32), truth 0/1, split names."""

@@ -6,7 +6,6 @@ Labels are given by the keyboard shortcuts a labeler uses (d, n, s, u), and the 
 from __future__ import annotations
 
 import re
-import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -32,10 +31,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def lab_ws(scored_ws, tmp_path) -> Path:
-    ws = tmp_path / "ws"
-    shutil.copytree(scored_ws, ws)
-    return ws
+def lab_ws(scored_copy_path) -> Path:
+    return scored_copy_path
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,11 +17,9 @@ APP = str(Path(__file__).resolve().parent.parent / "labeling_ui" / "app.py")
 
 
 @pytest.fixture
-def lab_ws(scored_ws, tmp_path, monkeypatch) -> Path:
-    ws = tmp_path / "ws"
-    shutil.copytree(scored_ws, ws)
-    monkeypatch.setenv("AAE_RAY_WORKSPACE", str(ws))
-    return ws
+def lab_ws(scored_copy_path, monkeypatch) -> Path:
+    monkeypatch.setenv("AAE_RAY_WORKSPACE", str(scored_copy_path))
+    return scored_copy_path
 
 
 def queue_ids(ws: Path) -> list[str]:

@@ -21,9 +21,8 @@ TINY_SPEC = {"num_samples": 2, "max_concurrent": 2, "scheduler": {"asha": False}
 
 
 @pytest.fixture
-def scored_copy(scored_ws, tmp_path) -> Workspace:
-    shutil.copytree(scored_ws, tmp_path / "ws")
-    return Workspace.open(tmp_path / "ws")
+def scored_copy(scored_copy_path) -> Workspace:
+    return Workspace.open(scored_copy_path)
 
 
 def test_the_simulated_labeler_answers_the_queue_in_order_from_the_truth(scored_copy):
