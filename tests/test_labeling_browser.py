@@ -62,6 +62,7 @@ def open_page(ctx, url: str, name: str):
     # The card is drawn before the name reaches the server; its buttons are enabled once it has.
     sync_api.expect(page.get_by_role("button", name=re.compile(r"^Defect"))).to_be_enabled(timeout=TIMEOUT_MS)
     page.locator("h1").click()  # focus off the text box: a shortcut typed into it would be text, not a click
+    settle(page)
     return page
 
 
@@ -71,9 +72,17 @@ def card_id(page) -> str:
     return heading.rsplit("·", 1)[1].strip().strip("`")
 
 
+def settle(page) -> None:
+    """Wait for the script run to finish. Streamlit draws a rerun element by element and keeps the previous run's
+    elements meanwhile, marked data-stale: read before this, the card may still show the image before."""
+    page.wait_for_function("() => !document.querySelector('[data-stale=\"true\"]') && "
+                           "!document.querySelector('[data-testid=\"stStatusWidgetRunningIcon\"]')")
+
+
 def press_and_wait(page, key: str, flash: str) -> None:
     page.keyboard.press(key)
     page.get_by_text(flash, exact=False).first.wait_for()
+    settle(page)
 
 
 def events_on_disk(ws: Path) -> list[tuple[str, str, str]]:
