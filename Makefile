@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv system-deps demo test lint bench-fmnist bench-speed bench-tune bench-active-learning bench-serve fmnist-data clean
+.PHONY: venv system-deps demo test lint bench-fmnist bench-fmnist-methods bench-speed bench-tune bench-active-learning bench-serve fmnist-data clean
 
 # (Re)install when the package metadata or the pins change. torch is pinned to the CPU wheel through
 # constraints.txt: unpinned, pip would pull a multi-GB CUDA build.
@@ -45,6 +45,9 @@ test: venv system-deps lint
 
 bench-fmnist: venv fmnist-data
 	$(BIN)/python bench/fmnist.py
+
+bench-fmnist-methods: venv fmnist-data
+	$(BIN)/python bench/fmnist_methods.py --findings
 
 clean:
 	rm -rf $(VENV) aae-demo .pytest_cache .ruff_cache *.egg-info

@@ -36,11 +36,15 @@ POLLUTION = 0.1
 LABELED = (0.01, 0.05)
 
 
-def resize32(x: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) -> float32 (N, 1, 32, 32), the same bilinear resize the workspace uses."""
-    out = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.Resampling.BILINEAR), np.float32)
+def resize(x: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, 28, 28) -> float32 (N, 1, size, size), the same bilinear resize the workspace uses."""
+    out = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BILINEAR), np.float32)
                     for im in x])
     return (out / 255.0)[:, None]
+
+
+def resize32(x: np.ndarray) -> np.ndarray:
+    return resize(x, 32)
 
 
 def run_class(k: int, X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray, args: argparse.Namespace
