@@ -77,7 +77,8 @@ def config(fields: dict, epochs: int, seed: int, ratio: float = 0.0) -> AAEConfi
 def evaluate(det: Detector, Xt: np.ndarray, test_y: np.ndarray) -> dict:
     s = det.score(Xt)
     return {"auroc": scoring.auroc(test_y, s.score), "t2_auroc": scoring.auroc(test_y, s.t2),
-            "recon_auroc": scoring.auroc(test_y, s.recon_error)}
+            "recon_auroc": scoring.auroc(test_y, s.recon_error), "n_train": det.n_train_ + det.n_defects_mixed_,
+            "train_images_per_s": float(np.median([h.images_per_s for h in det.history_]))}
 
 
 def protocol_cell(method: str, ratio: float, k: int, seed: int, data: Data, epochs: int) -> dict:
@@ -182,6 +183,10 @@ def markdown(doc: dict) -> str:
     for name, ref in PAPER.items():
         lines.append(f"| {name} | – | {' | '.join(f'{ref[g]:.3f}' if g in ref else '–' for g in ratios)} |"
                      + " |" * len(ratios))
+    took = {m: np.mean([r["seconds"] for r in rows if r["method"] == m]) for m in METHODS
+            if any(r["method"] == m for r in rows)}
+    lines += ["", "Seconds a cell (training, then scoring the fitting normals and the 10,000 test images), mean: "
+              + ", ".join(f"{m} {t:.0f}" for m, t in took.items()) + "."]
     for g in ratios:
         sel = [r for r in rows if r["labeled_ratio"] == g]
         classes = sorted({r["normal_class"] for r in sel})
