@@ -164,12 +164,15 @@ def markdown(doc: dict) -> str:
              f"otherwise AAEConfig's defaults (32x32 input, 32-dim latent). Pollution {POLLUTION}; labeled anomalies "
              f"from one other class. Seeds {doc['seeds']} (config and split seed = 10 x seed + class). Time in the "
              f"{doc['cells']} cells: {doc['wall_s'] / 60:.1f} min. Produced by "
-             f"`python bench/fmnist_methods.py {doc['argv']}`.", "",
-             "Test AUROC, mean ± std over the normal classes, of each family's primary score and of Hotelling's T² of "
-             "its latent. At ratio 0 there are no labeled anomalies, so AAE mixing and AAE push are the same model "
-             "(run once, as mixing).", "",
-             f"| method | primary score | {head} | T² {' | T² '.join(f'ratio {g}' for g in ratios)} |",
-             "|---|---|" + "---|" * (2 * len(ratios))]
+             f"`python bench/fmnist_methods.py {doc['argv']}`."]
+    findings = findings_markdown([r for r in doc["runs"] if r["part"] == "findings"])
+    if not rows:  # a --findings run alone
+        return "\n".join(lines + findings) + "\n"
+    lines += ["", "Test AUROC, mean ± std over the normal classes, of each family's primary score and of Hotelling's "
+              "T² of its latent. At ratio 0 there are no labeled anomalies, so AAE mixing and AAE push are the same "
+              "model (run once, as mixing).", "",
+              f"| method | primary score | {head} | T² {' | T² '.join(f'ratio {g}' for g in ratios)} |",
+              "|---|---|" + "---|" * (2 * len(ratios))]
     for method in METHODS:
         sel = [r for r in rows if r["method"] == method]
         if not sel:
@@ -198,8 +201,7 @@ def markdown(doc: dict) -> str:
             if pc:
                 lines.append(f"| {method} | " + " | ".join(f"{pc[c]:.3f}" if c in pc else "–" for c in classes)
                              + " |")
-    lines += findings_markdown([r for r in doc["runs"] if r["part"] == "findings"])
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + findings) + "\n"
 
 
 def findings_markdown(rows: list[dict]) -> list[str]:
@@ -243,7 +245,7 @@ def save(out: Path, name: str, doc: dict) -> None:
 # --- the run --------------------------------------------------------------------------------------------------
 
 def cells(args: argparse.Namespace) -> list[tuple[str, str, float, int, int]]:
-    """(part, method, labeled ratio, class, seed index) for everything asked for, cheapest-first per class."""
+    """(part, method, labeled ratio, class, seed index) for everything asked for: seed, class, ratio, method."""
     todo = []
     for s in range(args.seeds):
         for k in args.classes:
