@@ -212,7 +212,7 @@ def round_(args: argparse.Namespace) -> int:  # `round` would shadow the builtin
 def simulate(args: argparse.Namespace) -> int:
     """Answer the queue from the import's truth, --rounds times; report defects found and AUROC by round in
     WS/report/active_learning.{png,json}."""
-    from aae_ray.learning_curves import plot, policy_curves, pool_truth
+    from aae_ray.learning_curves import plot, policy_curves
     from aae_ray.rounds import answer_queue, latest_queue, run_round
 
     if args.rounds < 1 or args.labels_per_round < 1:
@@ -228,7 +228,7 @@ def simulate(args: argparse.Namespace) -> int:
     rounds = []
     for i in range(1, args.rounds + 1):
         batch = answer_queue(ws, args.labels_per_round)
-        found += pool_truth(ws, batch.ids).tolist()
+        found += [int(d) for d in batch.defects]
         print(f"== simulated labels {i}/{args.rounds}: oracle labeled {len(batch.ids)} of round {batch.round_no}'s "
               f"queue, {batch.n_defects} defects ({batch.n_left} unlabeled left)")
         out = run_round(ws, spec, address=args.address, policy=args.policy)

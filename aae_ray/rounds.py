@@ -80,8 +80,12 @@ def judge(ws: Workspace, model_dirs: list[Path], seed: int) -> tuple[list[float]
 class LabeledBatch:
     round_no: int  # the round whose queue was answered
     ids: list[str]
-    n_defects: int
+    defects: list[bool]  # the answer for each id, in queue order
     n_left: int  # unlabeled images still in that queue
+
+    @property
+    def n_defects(self) -> int:
+        return sum(self.defects)
 
 
 def latest_queue(ws: Workspace) -> tuple[int, Path] | None:
@@ -116,5 +120,5 @@ def answer_queue(ws: Workspace, k: int, labeler: str = "oracle") -> LabeledBatch
     events = [LabelEvent(r["id"], "defect" if truth[r["id"]] == 1 else "normal", labeler, round_no, r["t2"], model)
               for r in picked]
     append(ws.labels_dir, events)
-    return LabeledBatch(round_no, [e.id for e in events], sum(e.label == "defect" for e in events),
+    return LabeledBatch(round_no, [e.id for e in events], [e.label == "defect" for e in events],
                         len(todo) - len(picked))

@@ -123,13 +123,6 @@ def recompute_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> N
         m.momentum = 0.1
 
 
-def train_step(
-    model: nn.Module, opt: dict[str, torch.optim.Optimizer], xb: torch.Tensor, db: torch.Tensor, cfg: AAEConfig
-) -> dict[str, float]:
-    """One minibatch of any family (kept for callers that drive steps themselves)."""
-    return model.train_step(xb, db, opt)
-
-
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
     perm = torch.randperm(n, generator=gen)
     batches = list(perm.split(batch_size))

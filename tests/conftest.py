@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from aae_ray import cli
 from aae_ray.config import AAEConfig
 from aae_ray.data.synthetic import make_synthetic_records
 from aae_ray.detector import Detector
+from aae_ray.serving import free_port
 
 # With two cores shared with other jobs, torch's default of one thread a core oversubscribes them: measured
 # 5 s an epoch (200 images, 32x32) with 2 threads against 0.07 s with 1.
@@ -145,12 +145,6 @@ def listening_on(port: int) -> list[str]:
     rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
     hexes = [r[1].split(":")[0] for r in rows if r[3] == "0A" and int(r[1].split(":")[1], 16) == port]  # 0A: LISTEN
     return [".".join(str(b) for b in reversed(bytes.fromhex(h))) for h in hexes]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from aae_ray.config import AAEConfig, ConfigError, load_config
-from aae_ray.train import TrainingDiverged, build_model, fit_model, mix_defects, train_step
+from aae_ray.train import TrainingDiverged, build_model, fit_model, mix_defects
 
 # --- every architecture of the source research's space builds and runs ----------------------------------------
 
@@ -178,8 +178,7 @@ def test_training_diverged_is_a_runtime_error():
 def test_aae_step_logs_every_loss_by_name():
     cfg = AAEConfig(base_channels=8, fc_units=32, latent_dim=4, defect_loss="push")
     model = build_model(cfg)
-    logs = train_step(model, model.configure_optimizers(), torch.rand(8, 1, 32, 32),
-                      torch.tensor([True, False] * 4), cfg)
+    logs = model.train_step(torch.rand(8, 1, 32, 32), torch.tensor([True, False] * 4), model.configure_optimizers())
     assert set(logs) == {"rec", "push", "disc", "gen"}
 
 
@@ -252,8 +251,7 @@ def test_a_batch_of_only_defects_under_push_stays_finite():
     defects now and then (seed 7 of the push measurement in test_detector diverged at epoch 8, step 5)."""
     cfg = AAEConfig(base_channels=8, fc_units=32, latent_dim=4, defect_loss="push")
     model = build_model(cfg)
-    logs = train_step(model, model.configure_optimizers(), torch.rand(2, 1, 32, 32), torch.ones(2, dtype=torch.bool),
-                      cfg)
+    logs = model.train_step(torch.rand(2, 1, 32, 32), torch.ones(2, dtype=torch.bool), model.configure_optimizers())
     assert all(math.isfinite(v) for v in logs.values())
 
 
