@@ -61,6 +61,17 @@ def test_every_family_trains_at_larger_inputs(family, size, solder):
     assert np.isfinite(s.score).all() and np.isfinite(s.t2).all() and np.isfinite(det.threshold_)
 
 
+def test_anogan_latent_search_leaves_the_weights_as_they_were(solder):
+    det = Detector(tiny_config(family="anogan", epochs=2, anogan_steps=5, **EXTRA["anogan"])).fit(solder.normals[:64])
+    params = list(det.model_.parameters())
+    state = {k: v.clone() for k, v in det.model_.state_dict().items()}
+    grads = [None if p.grad is None else p.grad.clone() for p in params]  # what the last training step left
+    det.score(solder.X[:8])
+    assert all(p.requires_grad for p in params)  # trainable again
+    assert all((g is None and p.grad is None) or torch.equal(g, p.grad) for g, p in zip(grads, params, strict=True))
+    assert all(torch.equal(state[k], v) for k, v in det.model_.state_dict().items())
+
+
 def test_a_family_scores_by_its_native_score_and_keeps_t2_apart(family_fit, solder):
     det, X = family_fit, solder.X[::5]
     s = det.score(X)
