@@ -4,7 +4,7 @@ Training, within `epochs`:
   1. the first `pretrain_epochs` (at most epochs - 1) train encoder + decoder as an autoencoder;
   2. c = the mean of the training normals' initial codes, entries within EPS_C of 0 pushed out to +-EPS_C
      (a zero entry lets the network reach c with zero weights);
-  3. the encoder alone minimises, per image (eq. 4):
+  3. the encoder alone minimises, at `sad_lr`, per image (eq. 4):
         unlabeled (presumed normal):  ||phi(x) - c||^2
         confirmed defect:              eta * (||phi(x) - c||^2 + EPS)^-1
 Native score: ||phi(x) - c||^2. The encoder has no bias and no BatchNorm shift or scale (section 3.1 of Ruff
@@ -80,4 +80,4 @@ class DeepSAD(FamilyModel):
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         cfg = self.cfg
         return {"pretrain": torch.optim.Adam(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
-                "sad": torch.optim.Adam(self.encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)}
+                "sad": torch.optim.Adam(self.encoder.parameters(), lr=cfg.sad_lr, weight_decay=cfg.weight_decay)}
