@@ -7,11 +7,12 @@ reconstruction error. The GANs use one discriminator step a batch and 64 discrim
 latent search at the default model size, 32x32, batch 64, 2 threads, per image. Run alone: other work skews
 the timings.
 
-    python bench/families.py
+    python bench/families.py [--cost-only]
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -66,5 +67,6 @@ def anogan_cost() -> None:
 
 
 if __name__ == "__main__":
-    families()
+    if "--cost-only" not in sys.argv[1:]:
+        families()
     anogan_cost()
