@@ -81,10 +81,14 @@ class Detector:
         return self
 
     def fit_statistics(self, X_normal: np.ndarray, X_heldout: np.ndarray | None = None) -> Detector:
-        """(Re)fit T2's mean and covariance on these normals, and the primary score's threshold: calibrated on
-        held-out normals if asked (and there are any), else the F limit (T2) or the training quantile."""
+        """(Re)fit T2's mean and covariance on these normals (at most the family's `stats_images` of them), and
+        the primary score's threshold: calibrated on held-out normals if asked (and there are any), else the F
+        limit (T2) or the training quantile."""
         cfg = self.config
         heldout = X_heldout if cfg.threshold == "calibrated" and X_heldout is not None and len(X_heldout) else None
+        cap = self.model_.stats_images
+        if cap is not None and len(X_normal) > cap:
+            X_normal = X_normal[np.sort(np.random.default_rng(cfg.seed).choice(len(X_normal), cap, replace=False))]
         codes, native = self._codes_and_native(X_normal)
         hot = Hotelling.fit(codes, alpha=cfg.alpha, trim=cfg.t2_trim)
         held_codes, held_native = self._codes_and_native(heldout) if heldout is not None else (None, None)

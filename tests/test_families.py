@@ -75,6 +75,17 @@ def test_anogan_latent_search_leaves_the_weights_as_they_were(solder):
     assert all(torch.equal(state[k], v) for k, v in det.model_.state_dict().items())
 
 
+def test_anogan_fits_t2_on_a_draw_of_at_most_stats_images_normals(solder, monkeypatch):
+    from aae_ray.models.anogan import AnoGAN
+
+    monkeypatch.setattr(AnoGAN, "stats_images", 40)
+    cfg = tiny_config(family="anogan", epochs=1, anogan_steps=2, calibration_fraction=0.0, **EXTRA["anogan"])
+    det = Detector(cfg).fit(solder.normals[:64])
+    assert det.hotelling_.n == 40
+    ae = Detector(tiny_config(family="ae", epochs=1, calibration_fraction=0.0)).fit(solder.normals[:64])
+    assert ae.hotelling_.n == 64  # a cheap scorer fits on every training normal
+
+
 def test_a_family_scores_by_its_native_score_and_keeps_t2_apart(family_fit, solder):
     det, X = family_fit, solder.X[::5]
     s = det.score(X)

@@ -22,6 +22,7 @@ class FamilyModel(nn.Module):
     precise_bn = True  # recompute BatchNorm statistics on the training normals after training (train.py)
     native_score = True  # False: `inference` gives no score; the Detector scores by T2 of the codes (AAE)
     adversarial = False
+    stats_images: int | None = None  # fit T2 on at most this many training normals (a random draw): costly scorers
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
