@@ -43,7 +43,7 @@ from aae_ray.config import AAEConfig  # noqa: E402
 from aae_ray.data.fashion_mnist import CLASSES, deepsad_split, load_fashion_mnist  # noqa: E402
 from aae_ray.detector import Detector  # noqa: E402
 
-THREADS = 2  # torch threads a process (--threads)
+CLASSES_ALL, RATIOS, FINDINGS_CLASSES = list(range(10)), [0.0, 0.01, 0.05], [0, 2, 4, 6]  # the default grid
 # method -> the AAEConfig fields that make it
 METHODS = {
     "aae_mixing": {"family": "aae", "defect_loss": "none"},
@@ -71,9 +71,9 @@ FINDINGS = {
 
 # --- one cell -------------------------------------------------------------------------------------------------
 
-def config(fields: dict, epochs: int, seed: int, ratio: float = 0.0) -> AAEConfig:
+def config(fields: dict, epochs: int, seed: int, threads: int, ratio: float = 0.0) -> AAEConfig:
     family = fields.get("family", "aae")
-    return AAEConfig(**{"epochs": epochs, "seed": seed, "num_threads": THREADS, "anomaly_ratio": ratio,
+    return AAEConfig(**{"epochs": epochs, "seed": seed, "num_threads": threads, "anomaly_ratio": ratio,
                         "latent_norm": family == "aae", **fields})  # as bench/fmnist.py: no latent BN for the AE
 
 
@@ -84,19 +84,19 @@ def evaluate(det: Detector, Xt: np.ndarray, test_y: np.ndarray) -> dict:
             "train_images_per_s": float(np.median([h.images_per_s for h in det.history_]))}
 
 
-def protocol_cell(method: str, ratio: float, k: int, seed: int, data: Data, epochs: int) -> dict:
+def protocol_cell(method: str, ratio: float, k: int, seed: int, data: Data, epochs: int, threads: int) -> dict:
     """Train `method` on class k's Deep SAD training set at this labeled ratio; test AUROCs."""
     sp = deepsad_split(data.y, data.yt, normal_class=k, pollution=POLLUTION, labeled_ratio=ratio,
                        val_fraction=0.0, seed=seed)
     idx = np.concatenate([sp.pool_normal, sp.pool_anomaly, sp.labeled_anomaly])
     labels = np.r_[np.zeros(len(sp.pool_normal) + len(sp.pool_anomaly)), np.ones(len(sp.labeled_anomaly))]
-    det = Detector(config(METHODS[method], epochs, seed, ratio)).fit(data.X(32)[idx], labels.astype(np.int8))
+    det = Detector(config(METHODS[method], epochs, seed, threads, ratio)).fit(data.X(32)[idx], labels.astype(np.int8))
     return evaluate(det, data.Xt(32), (data.yt != k).astype(np.int8))
 
 
-def findings_cell(variant: str, k: int, seed: int, data: Data, epochs: int) -> dict:
+def findings_cell(variant: str, k: int, seed: int, data: Data, epochs: int, threads: int) -> dict:
     """Train the variant on all of class k's train images (clean); test AUROCs."""
-    cfg = config(FINDINGS[variant], epochs, seed)
+    cfg = config(FINDINGS[variant], epochs, seed, threads)
     det = Detector(cfg).fit(data.X(cfg.input_size)[data.y == k])
     return evaluate(det, data.Xt(cfg.input_size), (data.yt != k).astype(np.int8))
 
@@ -284,21 +284,19 @@ def cells(args: argparse.Namespace) -> list[tuple[str, str, float, int, int]]:
 
 
 def main() -> None:
-    global THREADS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--classes", type=int, nargs="*", default=list(range(10)))
-    ap.add_argument("--ratios", type=float, nargs="*", default=[0.0, 0.01, 0.05], help="labeled-anomaly ratios")
+    ap.add_argument("--classes", type=int, nargs="*", default=CLASSES_ALL)
+    ap.add_argument("--ratios", type=float, nargs="*", default=RATIOS, help="labeled-anomaly ratios")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--epochs", type=int, default=10, help="the same budget for every method")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per cell (config and split seed = 10 x seed + class)")
     ap.add_argument("--findings", action="store_true", help="also run the qualitative checks (clean training)")
-    ap.add_argument("--findings-classes", type=int, nargs="*", default=[0, 2, 4, 6])
+    ap.add_argument("--findings-classes", type=int, nargs="*", default=FINDINGS_CLASSES)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--name", default="fmnist_methods", help="results go to OUT/NAME.md and OUT/NAME.json")
     ap.add_argument("--threads", type=int, default=2, help="torch threads; on 2 cores, two processes with 1 "
                     "thread each and their own --classes finish the AAE-like cells ~1.3x sooner (not AnoGAN's)")
     args = ap.parse_args()
-    THREADS = args.threads
 
     done = {cell_key(r) for r in record(args, None)}
     todo = [c for c in cells(args) if c not in done]
@@ -314,13 +312,13 @@ def main() -> None:
         t0 = time.perf_counter()
         seed = 10 * s + k
         if part == "protocol":
-            res = protocol_cell(method, g, k, seed, data, args.epochs)
+            res = protocol_cell(method, g, k, seed, data, args.epochs, args.threads)
         else:
-            res = findings_cell(method, k, seed, data, args.epochs)
+            res = findings_cell(method, k, seed, data, args.epochs, args.threads)
         sec = time.perf_counter() - t0
         took.setdefault(method, []).append(sec)
         record(args, {"part": part, "method": method, "labeled_ratio": g, "normal_class": k, "seed_index": s,
-                      "seed": seed, "epochs": args.epochs, **res, "seconds": round(sec, 1), "threads": THREADS,
+                      "seed": seed, "epochs": args.epochs, **res, "seconds": round(sec, 1), "threads": args.threads,
                       "commit": COMMIT})
         mean_all = np.mean([t for ts in took.values() for t in ts])
         eta = sum(np.mean(took.get(c[1], [mean_all])) for c in todo[i:])
@@ -332,8 +330,8 @@ def main() -> None:
 def complete(runs: list[dict]) -> bool:
     """Whether the runs hold every cell of the default grid (all methods, classes and ratios, the findings)."""
     have = {(r["part"], r["method"], r["labeled_ratio"], r["normal_class"]) for r in runs}
-    every = cells(argparse.Namespace(seeds=1, classes=list(range(10)), ratios=[0.0, 0.01, 0.05],
-                                     methods=list(METHODS), findings=True, findings_classes=[0, 2, 4, 6]))
+    every = cells(argparse.Namespace(seeds=1, classes=CLASSES_ALL, ratios=RATIOS, methods=list(METHODS),
+                                     findings=True, findings_classes=FINDINGS_CLASSES))
     return all(c[:4] in have for c in every)
 
 
