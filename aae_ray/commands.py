@@ -286,6 +286,8 @@ DEMO_LABELS = 20
 def demo(args: argparse.Namespace) -> int:
     """Synthetic solder joints -> tune (tune_configs/default.yaml) -> score -> summary. Safe to re-run: the
     import is idempotent and each run tunes a new round."""
+    from aae_ray.learning_curves import pool_truth
+
     ws_dir: Path = args.workspace
     print(f"== 1/4 init {ws_dir}")
     init(argparse.Namespace(workspace=ws_dir, source="synthetic", seed=args.seed, n_normal=800, n_defect=80,
@@ -300,11 +302,12 @@ def demo(args: argparse.Namespace) -> int:
     m = artifacts.read_metrics(ws.model_dir(round_no))
     print("== 3/4 score the pool with the promoted model")
     path, table = score_pool(ws)
-    truth = dict(zip(table.column("id").to_pylist(), _pool_truth(ws, table), strict=True))
+    ids = table.column("id").to_pylist()
+    truth = dict(zip(ids, pool_truth(ws, ids).tolist(), strict=True))
     top = table.slice(0, 10).to_pylist()
     print("top suspects (rank, id, T2, truth known to the synthetic import):")
     for r in top:
-        kind = {1: "defect", 0: "normal", None: "?"}[truth[r["id"]]]
+        kind = "defect" if truth[r["id"]] else "normal"
         print(f"  #{r['rank']:<3} {r['id']}  T2 {r['t2']:8.2f}  {kind}")
     hits = sum(truth[r["id"]] == 1 for r in top)
     print(f"== 4/4 a simulated labeler answers the first {DEMO_LABELS} of the queue, then a round retrains on them")
@@ -359,12 +362,6 @@ def _print_tune_summary(round_dir: Path) -> None:
           f"{_fmt(best.get(t['metric']))} on {source}" + (" [interrupted: --resume]" if t["interrupted"] else ""))
     if (round_dir / "report").exists():
         print(f"    report: {round_dir / 'report'}")
-
-
-def _pool_truth(ws: Workspace, scores) -> list[int | None]:
-    table = ws.images()
-    truth = dict(zip(table.column("id").to_pylist(), table.column("truth").to_pylist(), strict=True))
-    return [truth[i] for i in scores.column("id").to_pylist()]
 
 
 def _fmt(x: float | None) -> str:

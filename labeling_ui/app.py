@@ -67,9 +67,9 @@ def score_metric(family: str, item: dict) -> tuple[str, str]:
     return ("T²", f"{item['t2']:.2f}") if family == "aae" else (f"Score ({family})", f"{score:.4g}")
 
 
-def score_caption(item: dict) -> str:
-    score = item.get("score")
-    return f"T² {item['t2']:.1f}" if score is None or score == item["t2"] else f"score {score:.3g}"
+def score_caption(family: str, item: dict) -> str:
+    """The grid's short form of score_metric."""
+    return f"T² {item['t2']:.1f}" if family == "aae" else f"{family} {item.get('score', item['t2']):.3g}"
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -86,6 +86,11 @@ def _stamp(path: Path) -> float:
 @st.cache_resource(show_spinner="Loading the model ...")
 def load_detector(model_dir: str, stamp: float):  # stamp: re-load when the artifact is rewritten
     return artifacts.load(Path(model_dir))
+
+
+def current_detector(ws: Workspace):
+    model_dir = ws.current_model_dir()
+    return load_detector(str(model_dir), _stamp(model_dir / "config.json"))
 
 
 @st.cache_resource(show_spinner="Reading the images ...")
@@ -224,8 +229,7 @@ def labeler_name(sb) -> str:
 
 
 def card(ws: Workspace, item: dict, n_queue: int, labeler: str, round_no: int, model: str, labels_dir: str) -> None:
-    model_dir = ws.current_model_dir()
-    det = load_detector(str(model_dir), _stamp(model_dir / "config.json"))
+    det = current_detector(ws)
     data = load_image_bytes(str(ws.images_path), _stamp(ws.images_path))[item["id"]]
     x = to_model_input([data], det.config.input_size)
     recon = det.reconstruct(x)[0, 0]
@@ -252,12 +256,13 @@ def card(ws: Workspace, item: dict, n_queue: int, labeler: str, round_no: int, m
 
 def grid(ws: Workspace, page: list[dict], labeler: str, round_no: int, model: str, labels_dir: str) -> None:
     images = load_image_bytes(str(ws.images_path), _stamp(ws.images_path))
+    family = current_detector(ws).config.family
     st.subheader(f"Next {len(page)} unlabeled images, highest priority first")
     cols = st.columns(4)
     for i, r in enumerate(page):
         with cols[i % 4]:
             st.image(upscale(decode_image(images[r["id"]]), THUMB_PX),
-                     caption=f"#{r['rank']} · {score_caption(r)}")
+                     caption=f"#{r['rank']} · {score_caption(family, r)}")
             st.checkbox("defect", key=f"defect_{r['id']}", disabled=not labeler)
     b1, b2 = st.columns(2)
     b1.button("Save: ticked = defect, the rest normal", key="save_grid", type="primary", disabled=not labeler,

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SET, run_cli, tiny_config
+from conftest import POISONED_LR, TINY_SET, run_cli, tiny_config
 
 from aae_ray import artifacts, serving
 from aae_ray.detector import Detector
@@ -190,13 +190,19 @@ def test_tune_searches_over_the_model_family(ray_local, synthetic_ws, tmp_path):
     ws = Workspace.open(tmp_path / "ws")
     fixed = {"epochs": 2, "pretrain_epochs": 1, **{k: v for k, v in (s[6:].split("=") for s in TINY_SET)}}
     families = NATIVE
-    spec = parse_spec({"num_samples": len(families), "max_concurrent": 2, "scheduler": {"asha": False},
-                       "report": {"anomaly_ratio_sweep": False}, "space": {"family": {"choice": families}},
+    points = [{"family": f, "lr": 1e-3} for f in families] + [{"family": "egbad", "lr": POISONED_LR}]
+    spec = parse_spec({"num_samples": len(points), "max_concurrent": 2, "scheduler": {"asha": False},
+                       "report": {"anomaly_ratio_sweep": False},
+                       "space": {"family": {"choice": families}, "lr": {"choice": [1e-3, POISONED_LR]}},
                        "fixed": fixed})
-    outcome = run_tune(ws, spec, round_no=0, echo=lambda _: None,
-                       initial_points=[{"family": f} for f in families])
-    assert sorted(r.params["family"] for r in outcome.rows) == sorted(families)
-    assert [r.status for r in outcome.rows] == ["complete"] * len(families)
+    outcome = run_tune(ws, spec, round_no=0, echo=lambda _: None, initial_points=points)
+    done = [r for r in outcome.rows if r.status == "complete"]
+    assert sorted(r.params["family"] for r in done) == sorted(families)
+    # a family other than the AAE that goes NaN fails its own trial, with the reason, and the run goes on
+    failed = [r for r in outcome.rows if r.status == "error"]
+    assert len(failed) == 1 and failed[0].params["family"] == "egbad"
+    assert failed[0].params["lr"] == pytest.approx(POISONED_LR)
+    assert "training diverged at epoch 2" in failed[0].error
     det = artifacts.load(ws.model_dir(0))
     assert det.config.family == outcome.best.params["family"]
     assert 0.0 <= artifacts.read_metrics(ws.model_dir(0))["val_auroc"] <= 1.0

@@ -150,7 +150,7 @@ def test_the_address_remembers_the_labeler_name(lab_ws):
 
 
 def test_a_family_with_its_own_score_shows_that_score(ws_copy, monkeypatch):
-    """A VAE's queue is ranked by its negative ELBO, not T²: the card says so."""
+    """A VAE's queue is ranked by its negative ELBO, not T²: the card and the grid say so."""
     assert run_cli("train", ws_copy, "--epochs", "1", *TINY_SET, "--set=family=vae", "--no-progress") == 0
     assert run_cli("score", ws_copy) == 0
     monkeypatch.setenv("AAE_RAY_WORKSPACE", str(ws_copy))
@@ -158,3 +158,7 @@ def test_a_family_with_its_own_score_shows_that_score(ws_copy, monkeypatch):
     first = min(pq.read_table(ws_copy / "rounds" / "r000" / "scores.parquet").to_pylist(), key=lambda r: r["rank"])
     shown = {m.label: m.value for m in at.metric}
     assert shown["Score (vae)"] == f"{first['score']:.4g}" and "T²" not in shown
+    at.radio(key="mode").set_value("Grid").run()
+    captions = [img.caption for el in at.get("image") for img in el.proto.imgs]
+    assert len(captions) == 12
+    assert captions[0] == f"#{first['rank']} · vae {first['score']:.3g}"
