@@ -186,7 +186,11 @@ def markdown(doc: dict) -> str:
         t2 = [pm([r for r in sel if r["labeled_ratio"] == g], "t2_auroc") for g in ratios]
         if method == "aae_push" and 0.0 in ratios:
             prim[ratios.index(0.0)] = t2[ratios.index(0.0)] = "= aae_mixing"
-        lines.append(f"| {method} | {PRIMARY[family]} | {' | '.join(prim)} | {' | '.join(t2)} |")
+        classes = sorted({r["normal_class"] for r in sel})
+        # a method not yet run on every class is not comparable with the others' means: say over which classes
+        name = method if len(classes) == len({r["normal_class"] for r in rows}) else \
+            f"{method} (classes {', '.join(map(str, classes))} only)"
+        lines.append(f"| {name} | {PRIMARY[family]} | {' | '.join(prim)} | {' | '.join(t2)} |")
     for name, ref in PAPER.items():
         lines.append(f"| {name} | – | {' | '.join(f'{ref[g]:.3f}' if g in ref else '–' for g in ratios)} |"
                      + " |" * len(ratios))
