@@ -131,7 +131,16 @@ def machine() -> str:
            f"{platform.python_version()}"
 
 
-COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+def _commit() -> str:
+    """The code's commit; where git or the repository is missing (a lent GPU machine), $AAE_RAY_COMMIT."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        out = ""
+    return out or os.environ.get("AAE_RAY_COMMIT", "")
+
+
+COMMIT = _commit()
 
 
 def write(out: Path, name: str, rows: list[dict], epochs: int, wall: float, classes: list[int], done: bool) -> None:
