@@ -66,3 +66,7 @@ bench-serve: venv
 
 bench-speed: venv fmnist-data
 	$(BIN)/python bench/speed.py
+
+# Needs a CUDA GPU (and a CUDA build of torch in place of the CPU wheel the venv pins).
+bench-gpu: venv fmnist-data
+	$(BIN)/python bench/gpu.py --fmnist /usr/share/datasets/fashion-mnist

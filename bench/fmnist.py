@@ -132,12 +132,14 @@ def machine() -> str:
 
 
 def _commit() -> str:
-    """The code's commit; where git or the repository is missing (a lent GPU machine), $AAE_RAY_COMMIT."""
+    """The code's commit: $AAE_RAY_COMMIT where the caller names it (a lent GPU machine gets a copy of the
+    working tree, whose git, if any, need not be at the commit that travelled), else git's HEAD."""
+    if os.environ.get("AAE_RAY_COMMIT"):
+        return os.environ["AAE_RAY_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except FileNotFoundError:
-        out = ""
-    return out or os.environ.get("AAE_RAY_COMMIT", "")
+        return ""
 
 
 COMMIT = _commit()

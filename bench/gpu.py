@@ -110,7 +110,9 @@ def markdown(doc: dict) -> str:
              f"{EPOCHS} epochs on CUDA (GANs: one discriminator step a batch) on 340 synthetic normal joints; test "
              "AUROC of the primary score on 102 test joints (42 defects). 'CPU = GPU' is the largest relative "
              f"difference between the GPU's scores of the first {CPU_CHECK} test images and those of the saved "
-             "artifact loaded on the CPU.", "",
+             "artifact loaded on the CPU. This checks that every family trains and scores on CUDA at every input "
+             "size; a short run on synthetic data, it ranks nothing (bench/families.md and bench/fmnist_methods.md "
+             "compare the families).", "",
              "| family | input | AUROC (per seed) | T² AUROC | all finite | CPU = GPU (max rel. diff) | fit s | "
              "scoring images/s |", "|---|---|---|---|---|---|---|---|"]
     for fam in FAMILIES:
