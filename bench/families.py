@@ -31,8 +31,9 @@ GAN = {"disc_steps": 1, "disc_units": 64}
 REPEATS = 3  # timed batches per step count in anogan_cost; the median is reported
 
 
-def solder() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    records = make_synthetic_records(seed=0, n_normal=400, n_defect=120, size=32)
+def solder(size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fitting normals, the test images and their truth (1 = defect)."""
+    records = make_synthetic_records(seed=0, n_normal=400, n_defect=120, size=size)
     X = np.stack([r.pixels for r in records]).astype(np.float32)[:, None] / 255.0
     truth = np.array([r.truth for r in records])
     split = np.array([r.split for r in records])

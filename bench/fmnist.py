@@ -127,7 +127,8 @@ def machine() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU), python " \
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({device}), python " \
            f"{platform.python_version()}"
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,39 +27,25 @@ import torch
 from aae_ray import artifacts
 from aae_ray.config import AAEConfig
 from aae_ray.data.fashion_mnist import load_fashion_mnist
-from aae_ray.data.synthetic import make_synthetic_records
 from aae_ray.detector import Detector
 from aae_ray.models import FAMILIES
 from aae_ray.scoring import auroc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fmnist import COMMIT, resize  # noqa: E402  (bench scripts share helpers, not a package)
+from families import solder  # noqa: E402  (bench scripts share helpers, not a package)
+from fmnist import COMMIT, machine, resize  # noqa: E402
+from speed import MODELS, SHAPE, measure  # noqa: E402
 
 SIZES = (32, 64, 128)
 SEEDS = (0, 1)
 EPOCHS = 20
-DEVICE = "cuda"
 CPU_CHECK = 32  # test images the artifact scores again on the CPU
 GAN = {"disc_steps": 1}  # one discriminator step a batch, as bench/families.py and bench/fmnist_methods.py
 
 
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.node()}: {gpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-            f"python {platform.python_version()}")
-
-
-def joints(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    records = make_synthetic_records(seed=0, n_normal=400, n_defect=120, size=size)
-    X = np.stack([r.pixels for r in records]).astype(np.float32)[:, None] / 255.0
-    truth = np.array([r.truth for r in records])
-    split = np.array([r.split for r in records])
-    return X[(split != "test") & (truth == 0)], X[split == "test"], truth[split == "test"]
-
-
 def family_cell(family: str, size: int, seed: int, data: tuple) -> dict:
     normals, Xt, yt = data
-    cfg = AAEConfig(family=family, input_size=size, seed=seed, epochs=EPOCHS, device=DEVICE,
+    cfg = AAEConfig(family=family, input_size=size, seed=seed, epochs=EPOCHS, device="cuda",
                     **(GAN if family in ("egbad", "anogan") else {}))
     start = time.perf_counter()
     det = Detector(cfg).fit(normals)  # ends in fit_statistics, which copies results back: the GPU is done
@@ -83,18 +67,10 @@ def family_cell(family: str, size: int, seed: int, data: tuple) -> dict:
 
 
 def throughput(device: str, X: np.ndarray, Xt: np.ndarray) -> dict:
-    shape = {"input_size": 32, "conv_blocks": 3, "latent_dim": 16, "epochs": 2, "device": device}
+    """bench/speed.py's measurement on this device, threads left at torch's default (all cores)."""
     out = {}
-    for name, family in (("AAE", "aae"), ("AE", "ae")):
-        train, score = [], []
-        for r in range(3):
-            det = Detector(AAEConfig(family=family, seed=r, **shape)).fit(X)
-            train.append(det.history_[-1].images_per_s)  # the last epoch: the first pays for warm-up
-            start = time.perf_counter()
-            det.score(Xt)
-            score.append(len(Xt) / (time.perf_counter() - start))
-        out[name] = {"train_images_per_s": float(np.median(train)), "score_images_per_s": float(np.median(score)),
-                     "train_runs": train, "score_runs": score}
+    for name, family in MODELS:
+        out[name] = measure(AAEConfig(family=family, **SHAPE, epochs=2, device=device), X, Xt, repeats=3)
         print(device, name, {k: round(v) for k, v in out[name].items() if not k.endswith("runs")}, flush=True)
     return out
 
@@ -153,7 +129,7 @@ def main() -> None:
         (args.out / "gpu.md").write_text(markdown(doc))
 
     for size in SIZES:
-        data = joints(size)
+        data = solder(size)
         for fam in FAMILIES:
             for seed in SEEDS:
                 cell = family_cell(fam, size, seed, data)

@@ -26,6 +26,9 @@ from aae_ray.config import AAEConfig  # noqa: E402
 from aae_ray.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from aae_ray.detector import Detector  # noqa: E402
 
+SHAPE = {"input_size": 32, "conv_blocks": 3, "latent_dim": 16}  # the benchmark model
+MODELS = (("AAE", "aae"), ("AE (baseline)", "ae"))
+
 
 def measure(cfg: AAEConfig, X: np.ndarray, Xt: np.ndarray, repeats: int) -> dict:
     train, score = [], []
@@ -48,10 +51,10 @@ def main() -> None:
     torch.set_num_threads(2)
     xtr, ytr, xte, _ = load_fashion_mnist()
     X, Xt = resize32(xtr[ytr == 0]), resize32(xte)
-    shape = {"input_size": 32, "conv_blocks": 3, "latent_dim": 16, "epochs": args.epochs, "num_threads": 2}
+    shape = {**SHAPE, "epochs": args.epochs, "num_threads": 2}
     results = {}
-    for name, cfg in (("AAE", AAEConfig(family="aae", **shape)), ("AE (baseline)", AAEConfig(family="ae", **shape))):
-        results[name] = measure(cfg, X, Xt, args.repeats)
+    for name, family in MODELS:
+        results[name] = measure(AAEConfig(family=family, **shape), X, Xt, args.repeats)
         print(name, {k: round(v) for k, v in results[name].items() if not k.endswith("runs")}, flush=True)
     aae, ae = results["AAE"], results["AE (baseline)"]
     doc = {"machine": machine(), "config": shape, "batch_size": AAEConfig().batch_size, "n_train": len(X),

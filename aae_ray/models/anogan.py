@@ -55,8 +55,8 @@ class ImageDiscriminator(nn.Module):
 class AnoGAN(FamilyModel):
     precise_bn = False  # G trains on prior samples: its running statistics are those of G(z), keep them
     adversarial = True
-    # Every code is a search (~16 ms an image at 50 steps, 2 threads): 2,000 normals pin a 32-dim mean and
-    # covariance in ~30 s, where 6,000 would take ~100 s.
+    # Every code is a search (20 ms an image at 50 steps on 2 threads, bench/families.py --cost-only): 2,000
+    # normals pin a 32-dim mean and covariance in about 40 s, where a Fashion-MNIST class's 6,000 take 2 minutes.
     stats_images = 2000
 
     def __init__(self, cfg: AAEConfig):
