@@ -2,13 +2,11 @@
 
     weights.safetensors   the model's state dict (tensors only: loading never unpickles code)
     config.json           architecture and preprocessing (an AAEConfig)
-    t2.json               latent mean, inverse covariance, n, p, alpha, threshold
-    score.json            families other than the AAE: their native score's threshold, method, alpha and the
-                          sorted normal scores behind its p-values (aae_ray.scoring.ScoreLimit)
+    t2.json               the global latent's mean, inverse covariance, n, p, alpha and F limit
+    local.safetensors     where the family has a local map: the local T2's means (L, d) and precisions (L, d, d)
+    score.json            the primary score: which it is, the combined score's scales, and its limit
+                          (threshold, threshold_basis, alpha, the sorted normal scores behind its p-values)
     metrics.json          round, val_auroc, test_auroc (null where a split has no labels), trial, ...
-
-An AAE artifact has no score.json (its primary score is T2), so folders written before other families
-existed load unchanged.
 """
 
 from __future__ import annotations
@@ -26,12 +24,12 @@ import safetensors.torch
 import torch
 
 from aae_ray import __version__
-from aae_ray.config import validate
+from aae_ray.config import AAEConfig, validate
 from aae_ray.detector import Detector
-from aae_ray.scoring import Hotelling, ScoreLimit
+from aae_ray.scoring import Hotelling, LocalHotelling, ScoreLimit
 from aae_ray.train import build_model
 
-FILES = ("weights.safetensors", "config.json", "t2.json", "metrics.json")
+FILES = ("weights.safetensors", "config.json", "t2.json", "score.json", "metrics.json")
 
 
 class ArtifactError(ValueError):
@@ -48,8 +46,12 @@ def save(detector: Detector, folder: Path, metrics: dict[str, Any]) -> Path:
     safetensors.torch.save_file(state, tmp / "weights.safetensors")
     _write_json(tmp / "config.json", detector.config.model_dump())
     _write_json(tmp / "t2.json", detector.hotelling_.to_dict())
-    if isinstance(detector.scorer_, ScoreLimit):
-        _write_json(tmp / "score.json", detector.scorer_.to_dict())
+    if detector.local_ is not None:
+        loc = detector.local_
+        safetensors.torch.save_file({"mean": torch.from_numpy(loc.mean), "precision": torch.from_numpy(loc.precision)},
+                                    tmp / "local.safetensors")
+    _write_json(tmp / "score.json", {"primary": detector.primary_, "scales": detector.scales_,
+                                     **detector.limit_.to_dict()})
     versions = {"aae_ray": __version__, "torch": torch.__version__, "numpy": np.__version__,
                 "python": platform.python_version()}
     _write_json(tmp / "metrics.json", {"versions": versions, **metrics})
@@ -80,19 +82,30 @@ def load(folder: Path) -> Detector:
     except RuntimeError as exc:
         raise ArtifactError(f"{folder}: weights do not match config.json: {str(exc)[:200]}") from None
     det.model_.eval()
-    det.hotelling_ = _read_hotelling(folder / "t2.json", cfg.latent_dim)
-    det.scorer_ = _read_score_limit(folder / "score.json") if det.model_.native_score else det.hotelling_
-    det.threshold_ = det.scorer_.threshold
+    det.hotelling_ = _read_hotelling(folder / "t2.json", det.model_.code_dim)
+    local = folder / "local.safetensors"
+    det.local_ = _read_local(local, cfg, det.model_.local_shape) if det.model_.has_local else None
+    score = _read_json(folder / "score.json")
+    try:
+        det.limit_ = ScoreLimit.from_dict(score)
+        det.primary_, det.scales_ = str(score["primary"]), {k: float(v) for k, v in score["scales"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"{folder / 'score.json'}: not score statistics ({type(exc).__name__}: {exc})") from None
+    det.threshold_ = det.limit_.threshold
     return det
 
 
-def _read_score_limit(path: Path) -> ScoreLimit:
+def _read_local(path: Path, cfg: AAEConfig, shape: tuple[int, int]) -> LocalHotelling:
     if not path.exists():
-        raise ArtifactError(f"{path.parent} is not a model artifact: missing {path.name}")
+        raise ArtifactError(f"{path.parent} is not a model artifact: missing {path.name} (its family has a local map)")
     try:
-        return ScoreLimit.from_dict(_read_json(path))
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ArtifactError(f"{path}: not score statistics ({type(exc).__name__}: {exc})") from None
+        t = safetensors.torch.load_file(path)
+        mean, precision = t["mean"].numpy(), t["precision"].numpy()
+    except Exception as exc:  # safetensors raises its own types for foreign or truncated files
+        raise ArtifactError(f"{path}: not local T2 statistics: {str(exc)[:200]}") from None
+    if mean.ndim != 2 or precision.shape != (*mean.shape, mean.shape[1]) or len(mean) not in (1, shape[0] * shape[1]):
+        raise ArtifactError(f"{path}: means {mean.shape} and precisions {precision.shape} do not match")
+    return LocalHotelling(mean, precision, shape, cfg.local_topk)
 
 
 def _read_hotelling(path: Path, latent_dim: int) -> Hotelling:
@@ -102,7 +115,7 @@ def _read_hotelling(path: Path, latent_dim: int) -> Hotelling:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"{path}: not T2 statistics ({type(exc).__name__}: {exc})") from None
     if hot.p != latent_dim or hot.mean.shape != (latent_dim,) or hot.precision.shape != (latent_dim, latent_dim):
-        raise ArtifactError(f"{path}: statistics for p={hot.p} do not match config.json's latent_dim={latent_dim}")
+        raise ArtifactError(f"{path}: statistics for p={hot.p} do not match the model's code size {latent_dim}")
     return hot
 
 

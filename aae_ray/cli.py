@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--normal", type=Path, help="folder: images of good parts")
     init.add_argument("--defect", type=Path, help="folder: images of confirmed defects")
     init.add_argument("--unlabeled", type=Path, help="folder: images nobody has judged yet")
+    init.add_argument("--mask", type=Path, help="folder: ground-truth masks of the --defect images, for evaluation "
+                      "(same relative paths, or MVTec's <name>_mask.png; nonzero = defect)")
 
     train = sub.add_parser("train", help="train one model (no Ray) as round 0 and promote it")
     train.add_argument("workspace", type=Path)

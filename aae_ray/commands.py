@@ -45,14 +45,18 @@ def init(args: argparse.Namespace) -> int:
             raise ValueError("--source folder needs --normal DIR")
         print(f"reading images under {args.normal}" + (f", {args.defect}" if args.defect else "")
               + (f", {args.unlabeled}" if args.unlabeled else ""))
-        result = import_folders(normal=args.normal, defect=args.defect, unlabeled=args.unlabeled)
+        result = import_folders(normal=args.normal, defect=args.defect, unlabeled=args.unlabeled, mask=args.mask)
         records = result.records
+        if args.mask:
+            n_mask, n_defect = sum(r.mask is not None for r in records), sum(r.truth == 1 for r in records)
+            print(f"  masks for {n_mask} of {n_defect} defect images from {args.mask}")
         report = [{"path": s.path, "reason": s.reason} for s in result.skipped]
         for s in result.skipped:
             print(f"  skipped {s.path}: {s.reason}")
         source = {"source": "folder", "normal": str(args.normal.resolve()),
                   "defect": str(args.defect.resolve()) if args.defect else None,
-                  "unlabeled": str(args.unlabeled.resolve()) if args.unlabeled else None}
+                  "unlabeled": str(args.unlabeled.resolve()) if args.unlabeled else None,
+                  "mask": str(args.mask.resolve()) if args.mask else None}
     ws, added = Workspace.import_records(args.workspace, records, source, report)
     splits = Counter(r.split for r in records)
     print(f"{ws.root}: {len(records)} images read, {added} new, {len(report)} skipped; "
@@ -68,7 +72,8 @@ def train(args: argparse.Namespace) -> int:
     m = train_round(ws, cfg, round_no=0, progress=not args.no_progress)
     ws.promote(0, "aae-ray train")
     print(f"round 0 trained in {time.perf_counter() - start:.0f} s and promoted: val AUROC {_fmt(m['val_auroc'])}, "
-          f"test AUROC {_fmt(m['test_auroc'])}, T2 threshold {m['threshold']:.1f} ({m['threshold_method']}), "
+          f"test AUROC {_fmt(m['test_auroc'])}, {m['primary_score']} score threshold {m['threshold']:.3g} "
+          f"({m['threshold_method']}), "
           f"prior fit (fresh discriminator) {m['prior_fit']['fresh_disc_acc']:.2f}; model in {ws.model_dir(0)}")
     return 0
 
@@ -141,7 +146,8 @@ def score(args: argparse.Namespace) -> int:
     path, table = score_pool(ws, policy=args.policy, engine=args.engine, num_gpus=args.gpus)
     rows = table.to_pylist()
     for r in rows[: args.top]:
-        print(f"  #{r['rank']:<4} {r['id']}  T2 {r['t2']:9.2f}  p {r['p_value']:.2e}"
+        print(f"  #{r['rank']:<4} {r['id']}  score {r['score']:9.3g}  T2 {r['t2']:9.2f}  local T2 {r['t2_local']:9.2f}"
+              f"  p {r['p_value']:.2e}"
               + ("  ANOMALY" if r["anomaly"] else ""))
     flagged = sum(r["anomaly"] for r in rows)
     print(f"scored {len(rows)} pool images, {flagged} above the threshold; queue in {path}")
@@ -305,10 +311,10 @@ def demo(args: argparse.Namespace) -> int:
     ids = table.column("id").to_pylist()
     truth = dict(zip(ids, pool_truth(ws, ids).tolist(), strict=True))
     top = table.slice(0, 10).to_pylist()
-    print("top suspects (rank, id, T2, truth known to the synthetic import):")
+    print("top suspects (rank, id, score, truth known to the synthetic import):")
     for r in top:
         kind = "defect" if truth[r["id"]] else "normal"
-        print(f"  #{r['rank']:<3} {r['id']}  T2 {r['t2']:8.2f}  {kind}")
+        print(f"  #{r['rank']:<3} {r['id']}  score {r['score']:8.3g}  {kind}")
     hits = sum(truth[r["id"]] == 1 for r in top)
     print(f"== 4/4 a simulated labeler answers the first {DEMO_LABELS} of the queue, then a round retrains on them")
     from aae_ray.rounds import answer_queue, run_round
@@ -320,9 +326,14 @@ def demo(args: argparse.Namespace) -> int:
     after = artifacts.read_metrics(ws.current_model_dir())
     print(f"round {out.round_no}: {'promoted' if out.promoted else 'kept the current model'} ({out.reason})")
     _demo_serve(ws, out.queue)
-    print(f"demo done: round {round_no}'s best trial had test AUROC {_fmt(m['test_auroc'])} and {hits}/10 real "
-          f"defects among its top pool suspects; labeling found {batch.n_defects} defects in {len(batch.ids)} "
-          f"labels; the promoted model's test AUROC is now {_fmt(after.get('test_auroc'))}; queue in {out.queue}")
+    test = after.get("test") or {}
+    print(f"round {round_no}'s best trial had test AUROC {_fmt(m['test_auroc'])} and {hits}/10 real defects among "
+          f"its top pool suspects; labeling found {batch.n_defects} defects in {len(batch.ids)} labels")
+    print(f"demo done: the promoted model (round {out.round_no if out.promoted else round_no}) has test image "
+          f"AUROC {_fmt(after.get('test_auroc'))}; at its threshold ({after.get('threshold_method')}, alpha "
+          f"{after.get('config', {}).get('alpha', 0.01)}) it catches {_fmt(test.get('tpr'))} of the test defects with "
+          f"{_fmt(test.get('fpr'))} false alarms. Next: `aae-ray label {ws.root}` to confirm the queue "
+          f"({out.queue}) in a browser, `aae-ray serve {ws.root}` for the line")
     return 0
 
 
@@ -333,7 +344,7 @@ def _demo_serve(ws: Workspace, queue: Path) -> None:
     from aae_ray import serving
     from aae_ray.client import Client
 
-    rows = pq.read_table(queue, columns=["id", "t2"]).to_pylist()
+    rows = pq.read_table(queue, columns=["id", "score"]).to_pylist()
     picks = rows[:2] + rows[-2:] if len(rows) > 4 else rows
     table = ws.images()
     image = dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True))
@@ -344,7 +355,7 @@ def _demo_serve(ws: Workspace, queue: Path) -> None:
     with serve_app().running(cfg, port=port) as url:
         answer = Client(url).score_response([image[r["id"]] for r in picks])
     for r, res in zip(picks, answer["results"], strict=True):
-        print(f"  {r['id']}  T2 {res['t2']:8.2f} over HTTP ({r['t2']:8.2f} offline)  "
+        print(f"  {r['id']}  score {res['score']:8.3g} over HTTP ({r['score']:8.3g} offline)  "
               + ("ANOMALY" if res["anomaly"] else "normal"))
     print(f"answered by round {answer['model']['round']} ({answer['model']['path']}); the endpoint is stopped")
 

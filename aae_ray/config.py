@@ -18,10 +18,31 @@ class AAEConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # The model family (aae_ray.models.FAMILIES). aae scores by Hotelling's T2 of its latent; the source
-    # research's comparison methods score natively: ae reconstruction error, vae negative ELBO, deepsad the
-    # distance to its centre, egbad and anogan the residual + discriminator-feature loss.
-    family: Literal["aae", "ae", "vae", "deepsad", "egbad", "anogan"] = "aae"
+    # The model family (aae_ray.models.FAMILIES). aae scores by Hotelling's T2 of its latent, global and local;
+    # patch is the training-free yardstick: a Gaussian over k x k pixel patches; the source research's comparison
+    # methods score natively: ae reconstruction error, vae negative ELBO, deepsad the distance to its centre,
+    # egbad and anogan the residual + discriminator-feature loss.
+    family: Literal["aae", "patch", "ae", "vae", "deepsad", "egbad", "anogan"] = "aae"
+    # Which score is primary (what p_value, threshold and anomaly refer to). auto: the family's own choice
+    # (aae: combined when it has a local latent, else global; patch: local; the others: native).
+    # combined = max(t2 / q_global, t2_local / q_local), each scaled by its (1 - alpha) quantile on the training
+    # normals: an image passes the combined limit when either score is far out in its own tail, so neither a
+    # whole-object anomaly (global) nor a small local defect (local) is lost (README: "Scores").
+    score: Literal["auto", "global", "local", "combined", "native"] = "auto"
+    # The AAE's spatial latent: a local_dim-channel code at every position of the encoder's feature map after
+    # local_depth conv blocks (0 = none), pushed to N(0, I) per position by a 1x1-conv discriminator, and fed
+    # to the decoder at the mirror depth (skipped at random with local_skip_drop, so the global code must still
+    # reconstruct alone). Hotelling's T2 per position gives the local map.
+    local_depth: int = Field(1, ge=0, le=5)
+    local_dim: int = Field(32, ge=1, le=256)
+    local_kernel: int = Field(3, ge=1, le=7)  # the local head's conv over the feature map: its reach in cells
+    local_skip_drop: float = Field(0.5, ge=0, le=1)
+    # Local T2's statistics: one mean and covariance per position (aligned parts), or one shared (textures).
+    local_stats: Literal["per_position", "shared"] = "per_position"
+    local_topk: int = Field(1, ge=1, le=256)  # the image's local score: mean of its top-k positions (1 = max)
+    anomaly_map: Literal["local", "recon"] = "local"  # the heat map: local T2 upsampled, or reconstruction error
+    patch_size: int = Field(8, ge=2, le=64)  # patch: k x k pixel patches ...
+    patch_stride: int = Field(2, ge=1, le=64)  # ... every `patch_stride` pixels
     input_size: Literal[32, 64, 128] = 32  # 32x32 worked best for solder joints
     conv_blocks: int = Field(3, ge=2, le=5)  # conv, norm, LeakyReLU, stride 2; 3 worked best
     base_channels: int = Field(32, ge=4, le=128)  # channels of the first block, doubled per block
@@ -68,6 +89,12 @@ class AAEConfig(BaseModel):
         if self.input_size >> self.conv_blocks < 1:
             msg = f"conv_blocks={self.conv_blocks} halves input_size={self.input_size} below 1 pixel"
             raise ValueError(msg)
+        if self.family == "aae" and self.local_depth > self.conv_blocks:
+            raise ValueError(f"local_depth={self.local_depth} is deeper than conv_blocks={self.conv_blocks}")
+        if self.local_kernel % 2 == 0:
+            raise ValueError(f"local_kernel must be odd (a centred window), got {self.local_kernel}")
+        if self.family == "patch" and self.patch_size > self.input_size:
+            raise ValueError(f"patch_size={self.patch_size} is larger than input_size={self.input_size}")
         return self
 
 

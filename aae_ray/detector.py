@@ -1,14 +1,21 @@
 """The detector interface every model family sits behind (PyOD's shape, scikit-learn's rules).
 
     det = Detector(config).fit(X, y)        # X: float32 (N, 1, S, S) in [0, 1]; y: 1 = confirmed defect
-    det.score_samples(X)                    # the family's primary score: higher = more abnormal
+    det.score(X)                            # Scores: every score, the codes, the maps, the reconstruction
+    det.score_samples(X)                    # the primary score alone: higher = more abnormal
     det.predict(X)                          # 1 where the primary score > threshold_
 
-The primary score is Hotelling's T2 of the latent code for the AAE, and the family's native score for the
-others (aae_ray.models: AE reconstruction error, VAE negative ELBO, Deep SAD distance to c, EGBAD and AnoGAN
-residual + discriminator-feature loss). Every family has a latent, so `Scores.t2` is always Hotelling's T2 on
-it (fitted apart, `hotelling_`); `Scores.score` is the primary score, and `p_value`, `anomaly` and
-`threshold_` belong to it (`scorer_`: the Hotelling statistics for the AAE, a `ScoreLimit` for the others).
+Every family has a global latent, so `Scores.t2` is always Hotelling's T2 on it (`hotelling_`); a family with
+a local feature map (the AAE's spatial latent, the patch family's pixel patches) also has Hotelling's T2 at
+every position (`local_`), whose image-level score is `t2_local` and whose upsampled map is the heat map.
+`Scores.score` is the primary score (config `score`; `auto` is the family's choice):
+  global    t2;
+  local     t2_local;
+  combined  max(t2 / q_global, t2_local / q_local), q the (1 - alpha) quantile of each on the training normals,
+            so an image far out in either tail is far out in the combined score;
+  native    the family's own (AE reconstruction error, VAE negative ELBO, Deep SAD distance, GAN residual).
+`p_value`, `anomaly` and `threshold_` belong to the primary score, through one limit type (`limit_`, a
+scoring.ScoreLimit): conformal on held-out normals, or the global T2's F limit where asked for.
 
 `__init__` only stores; `fit` sets the attributes ending in `_`; their presence means fitted.
 """
@@ -16,27 +23,44 @@ it (fitted apart, `hotelling_`); `Scores.score` is the primary score, and `p_val
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torch import nn
 
 from aae_ray.config import AAEConfig
-from aae_ray.scoring import Hotelling, ScoreLimit
+from aae_ray.scoring import Hotelling, LocalHotelling, ScoreLimit
 from aae_ray.train import EpochCallback, EpochLog, build_model, fit_model, mix_defects
 
 log = logging.getLogger(__name__)
 INFER_BATCH = 512
+SCORE_LABELS = {"global": "T²", "local": "local T²", "combined": "combined T²"}
 
 
 @dataclass(frozen=True)
 class Scores:
-    t2: np.ndarray  # Hotelling's T2 of the latent code
+    score: np.ndarray  # the primary score (config `score`)
+    t2: np.ndarray  # Hotelling's T2 of the global latent code
+    t2_local: np.ndarray  # the image's local T2 score; NaN where the family has no local map
     p_value: np.ndarray  # of the primary score
     anomaly: np.ndarray  # bool: score > threshold
-    recon_error: np.ndarray  # mean squared error per image
-    score: np.ndarray  # the primary score: t2 for the AAE, the family's native score for the others
+    recon_error: np.ndarray  # mean squared reconstruction error per image
+    codes: np.ndarray  # (N, p) the global latent codes
+    maps: np.ndarray | None = None  # (N, S, S) the anomaly map (config `anomaly_map`), when asked for
+    x_hat: np.ndarray | None = None  # (N, 1, S, S) the reconstruction, when maps are asked for
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """What one pass gives before the fitted statistics turn it into scores."""
+
+    codes: np.ndarray
+    native: np.ndarray | None
+    recon_error: np.ndarray
+    t2_local: np.ndarray | None
+    maps: np.ndarray | None
+    x_hat: np.ndarray | None
+    features: np.ndarray | None = None  # (N, d, h, w) the local feature maps, when asked for
 
 
 class Detector:
@@ -51,109 +75,192 @@ class Detector:
     ) -> Detector:
         """Train on presumed normals (y != 1) plus confirmed defects (y == 1) at the config's anomaly ratio.
 
-        A `calibration_fraction` of the normals is held out of training. T2's mean and covariance are fitted
+        A `calibration_fraction` of the normals is held out of training. T2's means and covariances are fitted
         on the training normals' codes; with `threshold: calibrated` the limit and p-values come from the
-        held-out normals' T2 (conformal), since the F limit's Gaussian assumption need not hold."""
+        held-out normals' primary scores (conformal), since no Gaussian assumption need hold."""
         cfg = self.config
         X = _check_images(X, cfg.input_size)
         y = np.zeros(len(X), dtype=np.int8) if y is None else np.asarray(y)
         if y.shape != (len(X),):
             raise ValueError(f"y must have one label per image: {y.shape} vs {len(X)} images")
         rng = np.random.default_rng(cfg.seed)
-        normal_idx = rng.permutation(np.flatnonzero(y != 1))
+        cal_idx, train_idx = self._split_normals(np.flatnonzero(y != 1), rng)
         defect_idx = np.flatnonzero(y == 1)
-        n_cal = round(cfg.calibration_fraction * len(normal_idx))
-        cal_idx, train_idx = normal_idx[:n_cal], normal_idx[n_cal:]
-        if len(train_idx) <= cfg.latent_dim + 1:
-            raise ValueError(f"need more than latent_dim + 1 = {cfg.latent_dim + 1} normal training images, "
+        torch.manual_seed(cfg.seed)  # the initial weights, too, come from the config's seed
+        self.model_ = build_model(cfg)
+        self.primary_ = _primary(cfg, self.model_)
+        if len(train_idx) <= self.model_.code_dim + 1:
+            raise ValueError(f"need more than latent_dim + 1 = {self.model_.code_dim + 1} normal training images, "
                              f"got {len(train_idx)}")
         mixed = defect_idx[mix_defects(len(train_idx), len(defect_idx), cfg.anomaly_ratio, rng)]
         x = torch.from_numpy(np.concatenate([X[train_idx], X[mixed]]))
         defect = torch.zeros(len(x), dtype=torch.bool)
         defect[len(train_idx):] = True
-
-        torch.manual_seed(cfg.seed)  # the initial weights, too, come from the config's seed
-        self.model_ = build_model(cfg)
-        self.history_: list[EpochLog] = fit_model(self.model_, x, defect, cfg, on_epoch=on_epoch,
-                                                  progress=progress)
+        if self.model_.trainable:
+            self.history_: list[EpochLog] = fit_model(self.model_, x, defect, cfg, on_epoch=on_epoch,
+                                                      progress=progress)
+        else:
+            self.model_.fit_normals(x[~defect])
+            self.model_.eval()
+            self.history_ = []
         self.n_train_, self.n_defects_mixed_ = len(train_idx), len(mixed)
         self.fit_statistics(X[train_idx], X[cal_idx])
         return self
 
     def fit_statistics(self, X_normal: np.ndarray, X_heldout: np.ndarray | None = None) -> Detector:
-        """(Re)fit T2's mean and covariance on these normals (at most the family's `stats_images` of them), and
-        the primary score's threshold: calibrated on held-out normals if asked (and there are any), else the F
-        limit (T2) or the training quantile."""
+        """(Re)fit T2's means and covariances on these normals (at most the family's `stats_images` of them),
+        the combined score's scales, and the primary score's limit: calibrated on held-out normals if asked
+        (and there are enough), else the F limit (global T2) or the training quantile (any other score)."""
         cfg = self.config
-        heldout = X_heldout if cfg.threshold == "calibrated" and X_heldout is not None and len(X_heldout) else None
+        self.primary_ = _primary(cfg, self.model_)
         cap = self.model_.stats_images
         if cap is not None and len(X_normal) > cap:
             X_normal = X_normal[np.sort(np.random.default_rng(cfg.seed).choice(len(X_normal), cap, replace=False))]
-        codes, native = self._codes_and_native(X_normal)
-        hot = Hotelling.fit(codes, alpha=cfg.alpha, trim=cfg.t2_trim)
-        held_codes, held_native = self._codes_and_native(heldout) if heldout is not None else (None, None)
-        if held_codes is not None:
-            hot = hot.calibrate(held_codes)
-        self.hotelling_ = hot
-        self.scorer_ = ScoreLimit.fit(native, held_native, cfg.alpha) if native is not None else hot
-        self.threshold_ = self.scorer_.threshold
+        raw = self._forward(X_normal, features=True)  # one pass (one latent search): the statistics need it all
+        self.hotelling_ = Hotelling.fit(raw.codes, alpha=cfg.alpha, trim=cfg.t2_trim)
+        self.local_ = None if raw.features is None else LocalHotelling.fit(
+            raw.features, per_position=cfg.local_stats == "per_position", topk=cfg.local_topk)
+        if self.local_ is not None:
+            raw = replace(raw, t2_local=self.local_.image_score(self.local_.t2_map(raw.features)))
+        train = self._raw_scores(raw)
+        self.scales_ = {name: _positive(np.quantile(s, 1 - cfg.alpha)) for name, s in train.items()
+                        if name in ("global", "local")}
+        heldout = X_heldout if cfg.threshold == "calibrated" and X_heldout is not None and len(X_heldout) else None
+        held = self._primary_of(self._raw_scores(self._forward(heldout, maps=False))) if heldout is not None else None
+        self.limit_ = self._limit(self._primary_of(train), held)
+        self.threshold_ = self.limit_.threshold
         return self
 
-    def _codes_and_native(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        native = self.model_.native_score
-        out = self._run(X, lambda m, xb: _codes_score(m, xb, native))
-        return (out[:, :-1], out[:, -1]) if native else (out, None)
+    def _split_normals(self, normal_idx: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(held-out, training) normals: a `calibration_fraction` of them never trains the model."""
+        normal_idx = rng.permutation(normal_idx)
+        n_cal = round(self.config.calibration_fraction * len(normal_idx))
+        return normal_idx[:n_cal], normal_idx[n_cal:]
+
+    def rescored(self, score: str, X: np.ndarray) -> Detector:
+        """A copy of this fitted detector whose primary score is `score` ("global", "local", ...), its
+        statistics refitted on the same training and held-out normals of X, the normal images `fit` was given.
+        For comparing scores of one network without training it again."""
+        other = Detector(self.config.model_copy(update={"score": score}))
+        other.model_, other.history_ = self.model_, self.history_
+        other.n_train_, other.n_defects_mixed_ = self.n_train_, self.n_defects_mixed_
+        cal_idx, train_idx = other._split_normals(np.arange(len(X)), np.random.default_rng(self.config.seed))
+        return other.fit_statistics(X[train_idx], X[cal_idx])
+
+    def _limit(self, train: np.ndarray, held: np.ndarray | None) -> ScoreLimit:
+        cfg, hot = self.config, self.hotelling_
+        if self.primary_ == "global":
+            if cfg.threshold == "f_ucl":
+                return ScoreLimit.f_limit(hot)
+            limit = ScoreLimit.fit(train, held, cfg.alpha) if held is not None else None
+            # Too few held-out normals for the conformal rank: the F limit, not the optimistic training quantile
+            return limit.with_f(hot) if limit is not None and limit.method == "calibrated" else ScoreLimit.f_limit(hot)
+        return ScoreLimit.fit(train, held, cfg.alpha).with_f(hot)
+
+    @property
+    def score_label(self) -> str:
+        """What the primary score is called on a page: "T²", "local T²", "combined T²" or "<family> score"."""
+        return SCORE_LABELS.get(self.primary_, f"{self.config.family} score")
+
+    @property
+    def map_label(self) -> str:
+        """What the anomaly map shows."""
+        return "local T²" if self.local_ is not None and self.config.anomaly_map == "local" else "reconstruction error"
 
     # --- inference ----------------------------------------------------------------------------------------
+
+    def score(self, X: np.ndarray, *, maps: bool = True) -> Scores:
+        """Everything from one forward pass (one latent search for AnoGAN); `maps=False` leaves out the
+        per-pixel maps and reconstructions (pool scoring needs only the numbers)."""
+        raw = self._forward(X, maps=maps)
+        parts = self._raw_scores(raw)
+        primary = self._primary_of(parts)
+        t2_local = parts.get("local", np.full(len(raw.codes), np.nan))
+        return Scores(primary, parts["global"], t2_local, self.limit_.p_value(primary), primary > self.threshold_,
+                      raw.recon_error, raw.codes, raw.maps, raw.x_hat)
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        """The primary score of each image."""
+        return self.score(X, maps=False).score
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return (self.score_samples(X) > self.threshold_).astype(np.int8)
 
     def encode(self, X: np.ndarray) -> np.ndarray:
         return self._run(X, lambda m, xb: m.codes(xb))
 
     def reconstruct(self, X: np.ndarray) -> np.ndarray:
-        return self._run(X, lambda m, xb: m.inference(xb)[1])
-
-    def score_samples(self, X: np.ndarray) -> np.ndarray:
-        """The primary score of each image (T2 for the AAE, the native score for the other families)."""
-        codes, native = self._codes_and_native(X)
-        return self.hotelling_.t2(codes) if native is None else native.astype(np.float64)
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return (self.score_samples(X) > self.threshold_).astype(np.int8)
+        return self._run(X, lambda m, xb: m.inference(xb).x_hat)
 
     def reconstruction_error(self, X: np.ndarray) -> np.ndarray:
-        return self.anomaly_map(X).reshape(len(X), -1).mean(1)
+        return self._forward(X, maps=False).recon_error
 
     def anomaly_map(self, X: np.ndarray) -> np.ndarray:
-        """Per-pixel squared reconstruction error, (N, S, S)."""
-        X = _check_images(X, self.config.input_size)
-        return ((self.reconstruct(X) - X) ** 2)[:, 0]
-
-    def score(self, X: np.ndarray) -> Scores:
-        """Everything at once, from one forward pass (one latent search for AnoGAN)."""
-        X = _check_images(X, self.config.input_size)
-        native = self.model_.native_score
-
-        def all_of(m: nn.Module, xb: torch.Tensor) -> torch.Tensor:
-            z, x_hat, score = m.inference(xb)
-            rec = (x_hat - xb).pow(2).flatten(1).mean(1, keepdim=True)  # (B, 1)
-            return torch.cat([z, rec] + ([score[:, None]] if native else []), 1)
-
-        out = self._run(X, all_of)
-        p = self.config.latent_dim
-        t2 = self.hotelling_.t2(out[:, :p])
-        primary = out[:, p + 1].astype(np.float64) if native else t2
-        return Scores(t2, self.scorer_.p_value(primary), primary > self.threshold_, out[:, p], primary)
+        """(N, S, S): the local T2 map laid over the image (config `anomaly_map: local`, where the family has
+        one), or the per-pixel squared reconstruction error."""
+        return self._forward(X, maps=True).maps
 
     def to(self, device: str | torch.device) -> Detector:
         """Run inference on this device (a loaded artifact starts on the CPU)."""
         self.model_.to(device)
         return self
 
+    # --- the one pass -------------------------------------------------------------------------------------
+
+    def _forward(self, X: np.ndarray, *, maps: bool = False, features: bool = False) -> _Raw:
+        """`features`: keep the local feature maps instead of scoring them (fitting: no statistics yet)."""
+        X = _check_images(X, self.config.input_size)
+        local = None if features else self.local_
+        use_local_map = local is not None and self.config.anomaly_map == "local"
+        parts: dict[str, list[np.ndarray]] = {}
+        model = self.model_.eval()
+        device = _device(model)
+        batches = range(0, len(X), INFER_BATCH) if len(X) else [0]
+        with torch.no_grad():  # not inference_mode: AnoGAN's latent search needs autograd inside
+            for i in batches:
+                xb = torch.from_numpy(X[i : i + INFER_BATCH] if len(X) else X[:0]).to(device)
+                if not len(xb):  # one blank image gives the shapes; none of it is kept
+                    xb = torch.zeros((1, *X.shape[1:]), device=device)
+                out = model.inference(xb)
+                err = (out.x_hat - xb).pow(2)
+                got = {"codes": out.codes, "recon": err.flatten(1).mean(1)}
+                if out.score is not None:
+                    got["native"] = out.score
+                if features and out.local is not None:
+                    got["features"] = out.local
+                if local is not None and out.local is not None:
+                    t2_map = local.t2_map(out.local.cpu().numpy())
+                    got["local"] = torch.from_numpy(local.image_score(t2_map))
+                    if maps and use_local_map:
+                        got["maps"] = model.local_to_image(torch.from_numpy(t2_map).float(), X.shape[-1])
+                if maps:
+                    got["x_hat"] = out.x_hat
+                    if not use_local_map:
+                        got["maps"] = err[:, 0]
+                for k, v in got.items():
+                    parts.setdefault(k, []).append(v.detach().cpu().numpy()[: len(X)])
+        cat = {k: np.concatenate(v) for k, v in parts.items()}
+        return _Raw(cat["codes"], cat.get("native"), cat["recon"], cat.get("local"), cat.get("maps"),
+                    cat.get("x_hat"), cat.get("features"))
+
+    def _raw_scores(self, raw: _Raw) -> dict[str, np.ndarray]:
+        parts = {"global": self.hotelling_.t2(raw.codes)}
+        if raw.t2_local is not None:
+            parts["local"] = raw.t2_local.astype(np.float64)
+        if raw.native is not None:
+            parts["native"] = raw.native.astype(np.float64)
+        return parts
+
+    def _primary_of(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        if self.primary_ == "combined":
+            return np.maximum(parts["global"] / self.scales_["global"], parts["local"] / self.scales_["local"])
+        return parts[self.primary_]
+
     def _run(self, X: np.ndarray, fn) -> np.ndarray:
         X = _check_images(X, self.config.input_size)
         model = self.model_.eval()
-        device = next(model.parameters()).device
-        with torch.no_grad():  # not inference_mode: AnoGAN's latent search needs autograd inside
+        device = _device(model)
+        with torch.no_grad():
             if len(X) == 0:  # run one blank image to learn the output's shape, keep none of it
                 return fn(model, torch.zeros((1, *X.shape[1:]), device=device)).cpu().numpy()[:0]
             outs = [fn(model, torch.from_numpy(X[i : i + INFER_BATCH]).to(device)).cpu().numpy()
@@ -161,11 +268,25 @@ class Detector:
         return np.concatenate(outs)
 
 
-def _codes_score(m: nn.Module, xb: torch.Tensor, native: bool) -> torch.Tensor:
-    if not native:
-        return m.codes(xb)
-    z, _, score = m.inference(xb)
-    return torch.cat([z, score[:, None]], 1)  # (B, p + 1)
+def _primary(cfg: AAEConfig, model: torch.nn.Module) -> str:
+    """The primary score's name; a config asking for a score the family cannot give is refused here."""
+    primary = model.default_score if cfg.score == "auto" else cfg.score
+    if primary in ("local", "combined") and not model.has_local:
+        raise ValueError(f"score: {primary} needs a local map, and family {cfg.family!r} has none here "
+                         "(the aae with local_depth >= 1, or patch)")
+    if primary == "native" and not model.native_score:
+        raise ValueError(f"score: native: family {cfg.family!r} has no native score; it scores by T2")
+    return primary
+
+
+def _positive(q: float) -> float:
+    return float(q) if q > 0 else 1.0  # a scale of 0 (every normal scored 0) would divide by zero
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def _check_images(X: np.ndarray, size: int) -> np.ndarray:

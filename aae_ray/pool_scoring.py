@@ -7,9 +7,8 @@ size. Only one batch per actor is ever decoded at a time here.
 
 The results equal in-process scoring (`artifacts.load(model_dir).score(pool_arrays(ws, size).X)`) to float
 precision: the same artifact, the same preprocessing (`to_model_input` at the config's `input_size`), the same
-Hotelling statistics. For the AAE only the encoder runs (its score, T2, needs the latent code alone); the other
-families also run their own score (aae_ray.detector). Arrays come back in the order of the pool rows in
-images.parquet, which is `pool_arrays`' order, whatever order Ray Data finishes the batches in.
+Hotelling statistics, the same one pass (`Detector.score`) for every family. Arrays come back in the order of
+the pool rows in images.parquet, which is `pool_arrays`' order, whatever order Ray Data finishes the batches in.
 
     scores = score_pool_ray(ws.images_path, ws.current_model_dir(), batch_size=512, num_gpus=0.0)
 """
@@ -36,7 +35,8 @@ class PoolScores:
     p_value: np.ndarray  # float64 (N,), of the primary score
     anomaly: np.ndarray  # bool (N,): score > the model's threshold
     codes: np.ndarray | None  # float32 (N, latent_dim) when asked for, else None
-    score: np.ndarray  # float64 (N,): the family's primary score (aae_ray.detector); t2 for the AAE
+    score: np.ndarray  # float64 (N,): the primary score (aae_ray.detector)
+    t2_local: np.ndarray  # float64 (N,): the image's local T2 score, NaN where the family has no local map
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -62,14 +62,11 @@ class _Scorer:
 
         det = self.det
         X = to_model_input(batch.column("image").to_pylist(), det.config.input_size)
-        codes = det.encode(X)
-        t2 = det.hotelling_.t2(codes)
-        # The AAE's primary score is T2 of the codes (the encoder alone); the other families run their own.
-        score = t2 if not det.model_.native_score else det.score(X).score
-        columns = {"id": batch.column("id"), "t2": pa.array(t2, pa.float64()),
-                   "p_value": pa.array(det.scorer_.p_value(score), pa.float64()),
-                   "anomaly": pa.array(score > det.threshold_, pa.bool_()),
-                   "score": pa.array(score, pa.float64())}
+        s = det.score(X, maps=False)
+        codes = s.codes
+        columns = {"id": batch.column("id"), "t2": pa.array(s.t2, pa.float64()),
+                   "p_value": pa.array(s.p_value, pa.float64()), "anomaly": pa.array(s.anomaly, pa.bool_()),
+                   "score": pa.array(s.score, pa.float64()), "t2_local": pa.array(s.t2_local, pa.float64())}
         if self.with_codes:
             flat = pa.array(np.ascontiguousarray(codes, dtype=np.float32).reshape(-1), pa.float32())
             columns["codes"] = pa.FixedSizeListArray.from_arrays(flat, codes.shape[1])
@@ -171,9 +168,11 @@ def _in_order(result: pa.Table | None, pool_ids: pa.ChunkedArray, latent_dim: in
         anomaly=rows.column("anomaly").to_numpy(zero_copy_only=False).astype(bool, copy=False),
         codes=codes,
         score=rows.column("score").to_numpy().astype(np.float64, copy=False),
+        t2_local=rows.column("t2_local").to_numpy(zero_copy_only=False).astype(np.float64, copy=False),
     )
 
 
 def _empty(latent_dim: int, with_codes: bool) -> PoolScores:
     return PoolScores([], np.empty(0, np.float64), np.empty(0, np.float64), np.empty(0, bool),
-                      np.empty((0, latent_dim), np.float32) if with_codes else None, np.empty(0, np.float64))
+                      np.empty((0, latent_dim), np.float32) if with_codes else None, np.empty(0, np.float64),
+                      np.empty(0, np.float64))

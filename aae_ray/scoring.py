@@ -1,4 +1,4 @@
-"""Hotelling's T2 on latent codes, its Phase-II control limit, and the detection metrics.
+"""Hotelling's T2 on latent codes and on feature maps, the one limit type, and the detection metrics.
 
 Pure numpy/scipy: no torch, so Serve and the UI can score codes without the training stack.
 """
@@ -6,6 +6,7 @@ Pure numpy/scipy: no torch, so Serve and the UI can score codes without the trai
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 
 import numpy as np
 from scipy import stats
@@ -51,25 +52,21 @@ def f_ucl(n: int, p: int, alpha: float) -> float:
 
 @dataclass(frozen=True)
 class Hotelling:
-    """Fitted T2 statistics.
-
-    `threshold` starts as the Phase-II F-distribution UCL at `alpha` (DESIGN.md). The F limit assumes
-    Gaussian codes; `calibrate` replaces it (and the p-values) by the conformal quantile of T2 on normals
-    the model never trained on, which holds whatever the codes' distribution (Vovk et al. 2005)."""
+    """Fitted T2 statistics of one Gaussian: the mean and precision, and the Phase-II F limit at `alpha`
+    (DESIGN.md), which assumes Gaussian codes. The limit a Detector flags with is a `ScoreLimit`: conformal on
+    held-out normals, or this F limit where it is asked for (`ScoreLimit.f_limit`)."""
 
     mean: np.ndarray  # (p,)
     precision: np.ndarray  # (p, p) inverse of the shrunk covariance
     n: int
     p: int
     alpha: float
-    threshold: float
+    threshold: float  # the F limit
     shrinkage: float
-    ucl_f: float = float("nan")  # the F-distribution limit, kept for reporting after calibration
-    calibration: np.ndarray | None = None  # sorted T2 of held-out normals, when calibrated
 
     @property
-    def method(self) -> str:
-        return "f_ucl" if self.calibration is None else "calibrated"
+    def ucl_f(self) -> float:
+        return self.threshold
 
     @classmethod
     def fit(cls, z: np.ndarray, alpha: float = 0.01, trim: float = 0.0) -> Hotelling:
@@ -93,60 +90,115 @@ class Hotelling:
         threshold = f_ucl(n, p, alpha)
         cov, shrink = ledoit_wolf(z)
         precision = np.linalg.inv(cov)
-        return cls(z.mean(0), (precision + precision.T) / 2, n, p, alpha, threshold, shrink, threshold)
-
-    def calibrate(self, z_heldout: np.ndarray) -> Hotelling:
-        """Threshold = the ceil((1 - alpha)(m + 1))-th smallest T2 of m held-out normals, so a new normal
-        exceeds it with probability <= alpha. Too few held-out normals for that rank: unchanged."""
-        t2 = np.sort(self.t2(z_heldout))
-        m = len(t2)
-        rank = int(np.ceil((1 - self.alpha) * (m + 1)))
-        if rank > m:
-            return self
-        return replace(self, threshold=float(t2[rank - 1]), calibration=t2)
+        return cls(z.mean(0), (precision + precision.T) / 2, n, p, alpha, threshold, shrink)
 
     def t2(self, z: np.ndarray) -> np.ndarray:
         d = np.asarray(z, dtype=np.float64) - self.mean  # (N, p)
         return np.einsum("ni,ij,nj->n", d, self.precision, d)
 
     def p_value(self, t2: np.ndarray) -> np.ndarray:
-        """P(T2 >= t2) for a new normal image: conformal when calibrated, else the Phase-II F distribution."""
-        if self.calibration is not None:
-            cal = self.calibration
-            above = len(cal) - np.searchsorted(cal, np.asarray(t2, dtype=np.float64), side="left")
-            return (1.0 + above) / (len(cal) + 1.0)
-        n, p = self.n, self.p
-        f = np.asarray(t2, dtype=np.float64) * n * (n - p) / (p * (n + 1) * (n - 1))
-        return stats.f.sf(f, p, n - p)
+        """P(T2 >= t2) for a new normal image under the Phase-II F distribution."""
+        return f_p_value(t2, self.n, self.p)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"] = self.mean.tolist()
         d["precision"] = self.precision.tolist()
-        d["calibration"] = None if self.calibration is None else self.calibration.tolist()
-        d["method"] = self.method
+        d["ucl_f"] = self.threshold
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Hotelling:
-        cal = d.get("calibration")
         return cls(np.asarray(d["mean"], dtype=np.float64), np.asarray(d["precision"], dtype=np.float64),
-                   int(d["n"]), int(d["p"]), float(d["alpha"]), float(d["threshold"]), float(d["shrinkage"]),
-                   float(d["ucl_f"]), None if cal is None else np.asarray(cal, dtype=np.float64))
+                   int(d["n"]), int(d["p"]), float(d["alpha"]), float(d.get("ucl_f", d["threshold"])),
+                   float(d["shrinkage"]))
+
+
+def f_p_value(t2: np.ndarray, n: int, p: int) -> np.ndarray:
+    f = np.asarray(t2, dtype=np.float64) * n * (n - p) / (p * (n + 1) * (n - 1))
+    return stats.f.sf(f, p, n - p)
+
+
+@dataclass(frozen=True)
+class LocalHotelling:
+    """Hotelling's T2 at every position of a feature map (N, d, h, w): where a defect is, not only whether.
+
+    `per_position` fits one mean and covariance per position (aligned parts: a joint is always in the middle);
+    otherwise one Gaussian is shared by all positions (textures look alike everywhere). Each covariance is
+    scikit-learn's Ledoit-Wolf estimate, never singular however few images. The image's local score is the
+    mean of its `topk` highest positions (1: the maximum)."""
+
+    mean: np.ndarray  # (L, d), L = h * w per position or 1 shared
+    precision: np.ndarray  # (L, d, d)
+    shape: tuple[int, int]  # (h, w) of the map
+    topk: int = 1
+
+    @classmethod
+    def fit(cls, features: np.ndarray, *, per_position: bool, topk: int = 1) -> LocalHotelling:
+        from sklearn.covariance import LedoitWolf
+
+        f = _positions(features)  # (L, N, d)
+        L, n, d = f.shape
+        if n < 2:
+            raise ValueError(f"local T2 needs at least 2 normal images, got {n}")
+        if not per_position:  # every position is a sample of the one texture; a few 100k of them pin d x d
+            flat = f.reshape(-1, d)
+            f = flat[:: max(1, len(flat) // SHARED_SAMPLES)][None]
+        fits = [LedoitWolf().fit(pos) for pos in f]
+        precision = np.stack([(m.precision_ + m.precision_.T) / 2 for m in fits])
+        return cls(np.stack([m.location_ for m in fits]), precision, tuple(features.shape[2:]), topk)
+
+    def t2_map(self, features: np.ndarray) -> np.ndarray:
+        """(N, d, h, w) -> (N, h, w) T2 per position, in float32: scoring's hot loop, where float64 cost twice
+        the time for T2 values that agree to ~1e-6 relative."""
+        if features.ndim != 4 or tuple(features.shape[2:]) != self.shape or features.shape[1] != self.mean.shape[1]:
+            raise ValueError(f"feature map {features.shape[1:]} does not match the fitted "
+                             f"{(self.mean.shape[1], *self.shape)}")
+        n, d = features.shape[:2]
+        f = np.ascontiguousarray(np.asarray(features, dtype=np.float32).reshape(n, d, -1).transpose(2, 0, 1))
+        mean, precision = self._float32
+        dev = f - mean[:, None, :]  # (L, N, d)
+        t2 = np.einsum("lnd,lnd->ln", dev @ precision, dev)  # a batched matmul over positions: BLAS
+        return np.ascontiguousarray(t2.T).reshape(n, *self.shape).astype(np.float64)
+
+    @cached_property
+    def _float32(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.mean.astype(np.float32), self.precision.astype(np.float32)
+
+    def image_score(self, t2_map: np.ndarray) -> np.ndarray:
+        flat = t2_map.reshape(len(t2_map), -1)
+        k = min(self.topk, flat.shape[1])
+        return np.sort(flat, axis=1)[:, -k:].mean(1) if k > 1 else flat.max(1)
+
+
+SHARED_SAMPLES = 200_000
+
+
+def _positions(features: np.ndarray) -> np.ndarray:
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 4 or not np.isfinite(f).all():
+        raise ValueError(f"expected a finite feature map (N, d, h, w), got shape {f.shape}")
+    n, d, h, w = f.shape
+    return f.reshape(n, d, h * w).transpose(2, 0, 1)  # (L, N, d)
 
 
 @dataclass(frozen=True)
 class ScoreLimit:
-    """Threshold and p-values for a family's native score (reconstruction error, negative ELBO, distance to a
-    centre, GAN residual), which follows no known distribution: conformal on held-out normals like
-    `Hotelling.calibrate`; without enough of them, the (1 - alpha) quantile of the training normals' scores
-    (PyOD's rule), which is optimistic: those images were trained on."""
+    """The one threshold type: the limit and p-values of whichever score is primary.
+
+    - "calibrated": conformal on m normals the model never trained on: the threshold is the
+      ceil((1 - alpha)(m + 1))-th smallest of their scores, so a new normal exceeds it with probability
+      <= alpha whatever the score's distribution (Vovk et al. 2005), and p = (1 + #{cal >= s}) / (m + 1);
+    - "train_quantile": too few held-out normals for that rank: the same rule on the training normals' scores
+      (PyOD's), which is optimistic, since those images were trained on; "train_max" when even they are few;
+    - "f_ucl": the Phase-II F limit of the global T2 (`f_dof` = (n, p)), where it is asked for."""
 
     alpha: float
     threshold: float
-    calibration: np.ndarray  # sorted scores of the normals the threshold came from
-    method: str  # "calibrated" (held-out normals) or "train_quantile"
-    ucl_f: float = float("nan")  # no F limit for a native score; kept so reports can treat both alike
+    calibration: np.ndarray  # sorted scores of the normals the threshold came from (empty for f_ucl)
+    method: str
+    ucl_f: float = float("nan")  # the global T2's F limit, kept for reports (NaN for other scores)
+    f_dof: tuple[int, int] | None = None
 
     @classmethod
     def fit(cls, train_scores: np.ndarray, heldout_scores: np.ndarray | None, alpha: float) -> ScoreLimit:
@@ -162,20 +214,34 @@ class ScoreLimit:
         scores = np.sort(np.asarray(train_scores, dtype=np.float64))
         return cls(alpha, float(scores[-1]), scores, "train_max")  # too few images for the rank at alpha
 
+    @classmethod
+    def f_limit(cls, hot: Hotelling) -> ScoreLimit:
+        return cls(hot.alpha, hot.threshold, np.empty(0), "f_ucl", hot.threshold, (hot.n, hot.p))
+
+    def with_f(self, hot: Hotelling) -> ScoreLimit:
+        """The same limit, reporting the global T2's F limit beside it."""
+        return replace(self, ucl_f=hot.threshold)
+
     def p_value(self, score: np.ndarray) -> np.ndarray:
-        """P(score >= s) for a new normal image, from the normals the threshold came from."""
+        """P(score >= s) for a new normal image, from the normals the threshold came from (or the F law)."""
+        if self.f_dof is not None:
+            return f_p_value(score, *self.f_dof)
         cal = self.calibration
         above = len(cal) - np.searchsorted(cal, np.asarray(score, dtype=np.float64), side="left")
         return (1.0 + above) / (len(cal) + 1.0)
 
     def to_dict(self) -> dict:
         return {"alpha": self.alpha, "threshold": self.threshold, "method": self.method,
-                "calibration": self.calibration.tolist()}
+                "threshold_basis": self.method, "n_calibration": len(self.calibration), "ucl_f": self.ucl_f,
+                "f_dof": None if self.f_dof is None else list(self.f_dof), "calibration": self.calibration.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict) -> ScoreLimit:
+        ucl = d.get("ucl_f")
+        dof = d.get("f_dof")
         return cls(float(d["alpha"]), float(d["threshold"]), np.asarray(d["calibration"], dtype=np.float64),
-                   str(d["method"]))
+                   str(d["method"]), float("nan") if ucl is None else float(ucl),
+                   None if dof is None else (int(dof[0]), int(dof[1])))
 
 
 # --- metrics: y is 1 = defect, 0 = normal; a higher score means more abnormal -------------------------

@@ -103,9 +103,10 @@ class LoadedModel:
 
     def info(self) -> dict[str, Any]:
         """GET /model: the promoted round, its metrics, threshold and config."""
-        lim = self.detector.scorer_  # the primary score's statistics (T2's for the AAE)
+        lim = self.detector.limit_  # the primary score's limit
         return {**self.summary(), "reason": self.reason, "threshold": _num(self.detector.threshold_),
-                "threshold_method": lim.method, "alpha": lim.alpha, "device": self.device,
+                "threshold_method": lim.method, "threshold_basis": lim.method, "primary_score": self.detector.primary_,
+                "alpha": lim.alpha, "device": self.device,
                 "metrics": self.metrics, "config": self.detector.config.model_dump()}
 
 
@@ -239,22 +240,21 @@ class ScoringService:
 def score_images(det: Detector, X: np.ndarray, explain: list[bool]) -> list[dict[str, Any]]:
     """X: float32 (N, 1, S, S) -> one result dict an image; a heat map (base64 PNG) where explain is set.
 
-    `score` is the model family's primary score (aae_ray.detector), which `p_value`, `threshold` and `anomaly`
-    refer to; `t2` is Hotelling's T2 of the latent code (equal to `score` for the AAE)."""
-    s = det.score(X)
-    results = [{"score": _num(s.score[i]), "t2": _num(s.t2[i]), "p_value": _num(s.p_value[i]),
-                "threshold": _num(det.threshold_), "anomaly": bool(s.anomaly[i]),
+    `score` is the primary score (aae_ray.detector), which `p_value`, `threshold` and `anomaly` refer to; `t2` is
+    Hotelling's T2 of the global latent code, `t2_local` the image's local T2 score (null where the family has no
+    local map). The heat map is the detector's anomaly map: the local T2 map where there is one."""
+    s = det.score(X, maps=any(explain))
+    results = [{"score": _num(s.score[i]), "t2": _num(s.t2[i]), "t2_local": _num(s.t2_local[i]),
+                "p_value": _num(s.p_value[i]), "threshold": _num(det.threshold_), "anomaly": bool(s.anomaly[i]),
                 "recon_error": _num(s.recon_error[i])} for i in range(len(X))]
-    wanted = [i for i, e in enumerate(explain) if e]
-    if wanted:
-        maps = det.anomaly_map(X[wanted])  # (k, S, S)
-        for i, amap in zip(wanted, maps, strict=True):
-            results[i]["heatmap"], results[i]["heatmap_max"] = heatmap_png(amap)
+    for i, e in enumerate(explain):
+        if e:
+            results[i]["heatmap"], results[i]["heatmap_max"] = heatmap_png(s.maps[i])
     return results
 
 
 def heatmap_png(amap: np.ndarray) -> tuple[str, float]:
-    """Squared reconstruction error (S, S) -> base64 gray PNG scaled so 255 is its maximum, and that maximum."""
+    """An anomaly map (S, S) -> base64 gray PNG scaled so 255 is its maximum, and that maximum."""
     top = float(amap.max()) if amap.size else 0.0
     pixels = (amap / top * 255.0).round().astype(np.uint8) if top > 0 else np.zeros(amap.shape, np.uint8)
     buf = io.BytesIO()

@@ -27,7 +27,7 @@ Echo = Callable[[str], None]
 # `t2` is Hotelling's T2 of the latent code for every family.
 SCORES_SCHEMA = pa.schema(
     [("id", pa.string()), ("t2", pa.float64()), ("p_value", pa.float64()), ("anomaly", pa.bool_()),
-     ("rank", pa.int32()), ("score", pa.float64())]
+     ("rank", pa.int32()), ("score", pa.float64()), ("t2_local", pa.float64())]
 )
 
 
@@ -46,9 +46,11 @@ def train_round(ws: Workspace, cfg: AAEConfig, *, round_no: int = 0, echo: Echo 
     det = Detector(cfg).fit(data.X, data.y, on_epoch=on_epoch, progress=progress)
     metrics = {"round": round_no, "trial": None, "data_fingerprint": fingerprint(data),
                **evaluate(ws, det), "n_train": det.n_train_, "n_defects_mixed": det.n_defects_mixed_,
-               "threshold": det.threshold_, "threshold_method": det.scorer_.method, "ucl_f": det.scorer_.ucl_f,
-               "train_images_per_s": float(np.median([h.images_per_s for h in det.history_])),
-               "final_losses": det.history_[-1].losses}
+               "threshold": det.threshold_, "threshold_method": det.limit_.method,
+               "threshold_basis": det.limit_.method, "n_calibration": len(det.limit_.calibration),
+               "ucl_f": det.limit_.ucl_f, "primary_score": det.primary_,
+               "train_images_per_s": float(np.median([h.images_per_s for h in det.history_])) if det.history_ else None,
+               "final_losses": det.history_[-1].losses if det.history_ else {}}
     normals = data.X[data.y == 0]
     metrics["prior_fit"] = prior_fit(det.encode(normals[:5000]), seed=cfg.seed)
     artifacts.save(det, ws.model_dir(round_no), metrics)
@@ -98,16 +100,18 @@ def score_pool(ws: Workspace, *, round_no: int | None = None, policy: str = "hig
         from aae_ray.pool_scoring import score_pool_ray
 
         ps = score_pool_ray(ws.images_path, model_dir, num_gpus=num_gpus, with_codes=policy == "diverse")
-        ids, t2, score, p_value, anomaly, codes = ps.ids, ps.t2, ps.score, ps.p_value, ps.anomaly, ps.codes
+        ids, t2, t2_local, score, p_value, anomaly = ps.ids, ps.t2, ps.t2_local, ps.score, ps.p_value, ps.anomaly
+        codes = ps.codes
     else:
         pool = pool_arrays(ws, size)
-        s = det.score(pool.X)  # an empty pool gives empty scores
-        ids, t2, score, p_value, anomaly = pool.ids, s.t2, s.score, s.p_value, s.anomaly
-        codes = det.encode(pool.X) if policy == "diverse" else None
+        s = det.score(pool.X, maps=False)  # an empty pool gives empty scores
+        ids, t2, t2_local, score, p_value, anomaly = pool.ids, s.t2, s.t2_local, s.score, s.p_value, s.anomaly
+        codes = s.codes if policy == "diverse" else None
     order = queue_order(score, codes, det.threshold_, policy)
     rank = np.empty(len(t2), dtype=np.int32)
     rank[order] = np.arange(1, len(t2) + 1)
-    table = pa.table({"id": ids, "t2": t2, "p_value": p_value, "anomaly": anomaly, "rank": rank, "score": score},
+    table = pa.table({"id": ids, "t2": t2, "p_value": p_value, "anomaly": anomaly, "rank": rank, "score": score,
+                      "t2_local": t2_local},
                      schema=SCORES_SCHEMA).take(order)
     path = ws.round_dir(ws.current()["round"] if round_no is None else round_no) / "scores.parquet"
     write_table_with(table, path, SCORES_SCHEMA)

@@ -60,16 +60,15 @@ def heat_overlay(gray: np.ndarray, amap: np.ndarray, alpha: float = 0.8) -> np.n
     return (np.clip(rgb, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def score_metric(family: str, item: dict) -> tuple[str, str]:
-    """The queue ranks by the model's primary score: Hotelling's T² for the AAE, the family's own score for the
-    others (reconstruction error, negative ELBO, distance to Deep SAD's centre, ...), shown with its family."""
-    score = item.get("score", item["t2"])
-    return ("T²", f"{item['t2']:.2f}") if family == "aae" else (f"Score ({family})", f"{score:.4g}")
+def score_metric(label: str, item: dict) -> tuple[str, str]:
+    """The queue ranks by the model's primary score, shown under the detector's name for it (`score_label`:
+    T², local T², combined T², or a family's own score)."""
+    return label, f"{item.get('score', item['t2']):.4g}"
 
 
-def score_caption(family: str, item: dict) -> str:
+def score_caption(label: str, item: dict) -> str:
     """The grid's short form of score_metric."""
-    return f"T² {item['t2']:.1f}" if family == "aae" else f"{family} {item.get('score', item['t2']):.3g}"
+    return f"{label} {item.get('score', item['t2']):.3g}"
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -232,15 +231,15 @@ def card(ws: Workspace, item: dict, n_queue: int, labeler: str, round_no: int, m
     det = current_detector(ws)
     data = load_image_bytes(str(ws.images_path), _stamp(ws.images_path))[item["id"]]
     x = to_model_input([data], det.config.input_size)
-    recon = det.reconstruct(x)[0, 0]
-    amap = det.anomaly_map(x)[0]
+    s = det.score(x)  # one pass: the reconstruction and the anomaly map (local T² where the model has one)
+    recon, amap = s.x_hat[0, 0], s.maps[0]
     st.subheader(f"Rank {item['rank']} of {n_queue} · `{item['id']}`")
     cols = st.columns(3)
     cols[0].image(upscale(to_uint8(x[0, 0]), CARD_PX), caption="image")
     cols[1].image(upscale(to_uint8(recon), CARD_PX), caption="reconstruction")
-    cols[2].image(upscale(heat_overlay(x[0, 0], amap), CARD_PX), caption="anomaly map (red: reconstruction error)")
+    cols[2].image(upscale(heat_overlay(x[0, 0], amap), CARD_PX), caption=f"anomaly map (red: {det.map_label})")
     m = st.columns(4)
-    m[0].metric(*score_metric(det.config.family, item))
+    m[0].metric(*score_metric(det.score_label, item))
     m[1].metric("p-value", f"{item['p_value']:.3g}")
     m[2].metric("Rank", item["rank"])
     m[3].metric("Above threshold", "yes" if item["anomaly"] else "no")
@@ -256,13 +255,13 @@ def card(ws: Workspace, item: dict, n_queue: int, labeler: str, round_no: int, m
 
 def grid(ws: Workspace, page: list[dict], labeler: str, round_no: int, model: str, labels_dir: str) -> None:
     images = load_image_bytes(str(ws.images_path), _stamp(ws.images_path))
-    family = current_detector(ws).config.family
+    label = current_detector(ws).score_label
     st.subheader(f"Next {len(page)} unlabeled images, highest priority first")
     cols = st.columns(4)
     for i, r in enumerate(page):
         with cols[i % 4]:
             st.image(upscale(decode_image(images[r["id"]]), THUMB_PX),
-                     caption=f"#{r['rank']} · {score_caption(family, r)}")
+                     caption=f"#{r['rank']} · {score_caption(label, r)}")
             st.checkbox("defect", key=f"defect_{r['id']}", disabled=not labeler)
     b1, b2 = st.columns(2)
     b1.button("Save: ticked = defect, the rest normal", key="save_grid", type="primary", disabled=not labeler,

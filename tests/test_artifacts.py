@@ -15,8 +15,9 @@ from conftest import tiny_config
 from aae_ray import artifacts
 from aae_ray.artifacts import ArtifactError
 from aae_ray.detector import Detector
+from aae_ray.scoring import f_ucl
 
-DESIGN_FILES = {"weights.safetensors", "config.json", "t2.json", "metrics.json"}
+DESIGN_FILES = {"weights.safetensors", "config.json", "t2.json", "score.json", "local.safetensors", "metrics.json"}
 METRICS = {"round": 0, "val_auroc": 0.81, "test_auroc": None, "trial": None, "data_fingerprint": "abc"}
 
 
@@ -58,9 +59,11 @@ def test_load_restores_the_config_and_t2_statistics(fitted, saved):
 
 def test_a_calibrated_threshold_survives_the_round_trip(solder, tmp_path):
     det = Detector(tiny_config(epochs=1, calibration_fraction=0.3)).fit(solder.normals)
-    assert det.hotelling_.method == "calibrated"
+    assert det.limit_.method == "calibrated"
     back = artifacts.load(artifacts.save(det, tmp_path / "m", METRICS))
-    assert back.hotelling_.method == "calibrated"
+    assert back.limit_.method == "calibrated"
+    score = json.loads((tmp_path / "m" / "score.json").read_text())
+    assert (score["primary"], score["threshold_basis"], score["n_calibration"]) == ("combined", "calibrated", 102)
     assert back.threshold_ == det.threshold_
     X = solder.X[::4]
     np.testing.assert_array_equal(back.score(X).p_value, det.score(X).p_value)
@@ -92,7 +95,7 @@ def test_t2_json_holds_the_design_fields(saved, fitted):
     t2 = json.loads((saved / "t2.json").read_text())
     assert {"mean", "precision", "n", "p", "alpha", "threshold"} <= t2.keys()
     assert len(t2["mean"]) == t2["p"] == fitted.config.latent_dim
-    assert t2["threshold"] == fitted.threshold_
+    assert t2["threshold"] == fitted.hotelling_.threshold == pytest.approx(f_ucl(fitted.n_train_, 32, 0.01))
 
 
 def test_metrics_json_keeps_the_given_metrics_and_library_versions(saved):
@@ -133,7 +136,8 @@ def test_a_missing_file_is_an_artifact_error_naming_it(damaged, name):
 
 
 def test_a_folder_that_does_not_exist_is_an_artifact_error(tmp_path):
-    with pytest.raises(ArtifactError, match="missing weights.safetensors, config.json, t2.json, metrics.json"):
+    missing = "missing weights.safetensors, config.json, t2.json, score.json, metrics.json"
+    with pytest.raises(ArtifactError, match=missing):
         artifacts.load(tmp_path / "nothing")
 
 

@@ -5,7 +5,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import yaml
+from conftest import run_cli
 from PIL import Image
 
 from aae_ray.data.folder import (
@@ -13,10 +16,12 @@ from aae_ray.data.folder import (
     Skipped,
     defect_splits,
     import_folders,
+    mask_candidates,
     split_for,
     split_fraction,
 )
-from aae_ray.data.images import make_table, stable_id
+from aae_ray.data.images import ImageRecord, decode_image, make_table, read_table, stable_id, write_table
+from aae_ray.workspace import Workspace
 
 
 def noise(shape: tuple[int, ...], seed: int, dtype=np.uint8, high: int = 256) -> np.ndarray:
@@ -184,3 +189,144 @@ def test_normal_folder_without_readable_images_is_an_error(tmp_path):
 
 def test_suffixes_are_lowercase_with_dot():
     assert all(s.startswith(".") and s == s.lower() for s in IMAGE_SUFFIXES)
+
+
+# --- ground-truth masks ------------------------------------------------------------------------------------------
+
+
+def blob_mask(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """A 0/255 rectangle somewhere in the image, different per seed."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    y, x = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[y : y + h // 3, x : x + w // 4] = 255
+    return mask
+
+
+@pytest.fixture
+def mvtec(tmp_path) -> Path:
+    """MVTec AD's layout: train/good, test/<kind>/NNN.png, ground_truth/<kind>/NNN_mask.png (test/good unmasked)."""
+    root = tmp_path / "mvtec" / "bottle"
+    for i in range(6):
+        save(root / "train" / "good" / f"{i:03d}.png", noise((24, 32), 10 + i))
+    for kind, seeds in (("broken", (20, 21)), ("crack", (22, 23, 24))):
+        for j, seed in enumerate(seeds):
+            save(root / "test" / kind / f"{j:03d}.png", noise((24, 32), seed))
+            save(root / "ground_truth" / kind / f"{j:03d}_mask.png", blob_mask((24, 32), seed))
+    return root
+
+
+def test_mvtec_masks_round_trip_through_init(mvtec, tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert run_cli("init", ws, "--source", "folder", "--normal", mvtec / "train" / "good", "--defect",
+                   mvtec / "test", "--mask", mvtec / "ground_truth") == 0
+    out = capsys.readouterr().out
+    assert "masks for 5 of 5 defect images" in out and "0 skipped" in out
+    rows = read_table(ws / "data" / "images.parquet").select(["source", "truth", "height", "width", "mask"])
+    rows = rows.to_pylist()
+    assert sum(r["truth"] == 1 for r in rows) == 5
+    for r in rows:
+        if r["truth"] == 0:
+            assert r["mask"] is None
+            continue
+        kind, name = Path(r["source"]).parent.name, Path(r["source"]).stem
+        expected = np.asarray(Image.open(mvtec / "ground_truth" / kind / f"{name}_mask.png"))
+        assert np.array_equal(decode_image(r["mask"]), expected), r["source"]
+        assert (r["height"], r["width"]) == expected.shape
+    (entry,) = yaml.safe_load((ws / "workspace.yaml").read_text())["imports"]
+    assert entry["mask"] == str((mvtec / "ground_truth").resolve())
+
+
+def test_masks_at_the_same_relative_path_and_as_png_beside_jpeg(tmp_path):
+    # VisA keeps JPEG images and PNG masks under the same relative names; a mask may also be any nonzero value.
+    normal, defect, masks = tmp_path / "n", tmp_path / "d", tmp_path / "m"
+    save(normal / "a.png", noise((16, 16), 1))
+    save(defect / "x" / "same.png", noise((16, 16), 2))
+    save(defect / "y" / "photo.jpg", noise((16, 16, 3), 3), quality=95)
+    save(defect / "z" / "unannotated.png", noise((16, 16), 4))
+    one = blob_mask((16, 16), 5) // 255  # a 0/1 label image
+    save(masks / "x" / "same.png", one)
+    save(masks / "y" / "photo.png", blob_mask((16, 16), 6))
+    result = import_folders(normal=normal, defect=defect, mask=masks)
+    got = {Path(r.source).name: r.mask for r in result.records}
+    assert np.array_equal(got["same.png"], one * 255)
+    assert np.array_equal(got["photo.jpg"], blob_mask((16, 16), 6))
+    assert got["unannotated.png"] is None and got["a.png"] is None
+    assert result.skipped == []
+    make_table(result.records)  # the masks fit the image table
+
+
+def test_mask_candidates_order():
+    assert mask_candidates(Path("k/001.png")) == [Path("k/001.png"), Path("k/001_mask.png")]
+    assert mask_candidates(Path("k/001.JPG")) == [Path("k/001.JPG"), Path("k/001_mask.JPG"), Path("k/001.png"),
+                                                  Path("k/001_mask.png")]
+
+
+def test_a_mask_of_the_wrong_size_or_broken_is_skipped_with_a_reason(mvtec, tmp_path, capsys):
+    wrong = mvtec / "ground_truth" / "broken" / "000_mask.png"
+    save(wrong, blob_mask((12, 16), 20))
+    broken = mvtec / "ground_truth" / "crack" / "001_mask.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not a mask")
+    ws = tmp_path / "ws"
+    assert run_cli("init", ws, "--source", "folder", "--normal", mvtec / "train" / "good", "--defect",
+                   mvtec / "test", "--mask", mvtec / "ground_truth") == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    lines = [line for line in captured.out.splitlines() if line.strip().startswith("skipped")]
+    assert len(lines) == 2, captured.out
+    size_line = next(line for line in lines if str(wrong) in line)
+    assert "not used" in size_line and "16x12 pixels" in size_line and "32x24" in size_line
+    assert "cannot decode" in next(line for line in lines if str(broken) in line)
+    assert "masks for 3 of 5 defect images" in captured.out
+    # The images themselves are imported, only without a mask.
+    rows = read_table(ws / "data" / "images.parquet").select(["source", "truth", "mask"]).to_pylist()
+    no_mask = sorted(Path(r["source"]).parent.name + "/" + Path(r["source"]).name
+                     for r in rows if r["truth"] == 1 and r["mask"] is None)
+    assert no_mask == ["broken/000.png", "crack/001.png"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--mask", "{root}/ground_truth"], "needs a defect folder"),
+        (["--defect", "{root}/test", "--mask", "{root}/nowhere"], "mask folder"),
+        (["--defect", "{root}/test", "--mask", "{root}/train"], "no defect image has a mask"),
+        (["--defect", "{root}/test", "--mask", "{root}/test"], "is the defect folder"),
+    ],
+)
+def test_mask_folder_mistakes_are_one_error_line(mvtec, tmp_path, capsys, extra, fragment):
+    args = [a.format(root=mvtec) for a in extra]
+    code = run_cli("init", tmp_path / "ws", "--source", "folder", "--normal", mvtec / "train" / "good", *args)
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aae-ray: error:") and fragment in lines[0], err
+    assert not (tmp_path / "ws").exists()
+
+
+def test_an_image_table_without_the_mask_column_still_reads_and_merges(tmp_path):
+    old_records = [ImageRecord(f"old{i}", noise((8, 8), i), "old", "train", 0) for i in range(3)]
+    path = tmp_path / "ws" / "data" / "images.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(make_table(old_records).drop_columns(["mask"]), path)  # as written before masks existed
+    table = read_table(path)
+    assert table.column_names[-1] == "mask" and table.column("mask").null_count == 3
+    assert table.drop_columns(["mask"]).equals(pq.read_table(path))
+
+    mask = blob_mask((8, 8), 1)
+    new = ImageRecord("new", noise((8, 8), 9), "new", "test", 1, mask=mask)
+    (tmp_path / "ws" / "workspace.yaml").write_text("version: 1\nimports: []\n")
+    ws, added = Workspace.import_records(tmp_path / "ws", [*old_records, new], {"source": "test"})
+    assert added == 1
+    merged = {r["id"]: r["mask"] for r in ws.images().select(["id", "mask"]).to_pylist()}
+    assert [merged[f"old{i}"] for i in range(3)] == [None] * 3
+    assert np.array_equal(decode_image(merged["new"]), mask)
+    write_table(ws.images(), path)  # and the merged table writes back with the full schema
+    assert pq.read_table(path).schema.field("mask").type == read_table(path).schema.field("mask").type
+
+
+def test_a_mask_that_does_not_fit_its_record_is_refused():
+    record = ImageRecord("a", noise((8, 8), 1), "x", "test", 1, mask=np.zeros((8, 9), dtype=np.uint8))
+    with pytest.raises(ValueError, match="mask of image a"):
+        make_table([record])

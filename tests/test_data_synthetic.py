@@ -1,11 +1,18 @@
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from aae_ray.data import DEFECT, NORMAL, SPLITS
-from aae_ray.data.images import stable_id
-from aae_ray.data.synthetic import DEFECT_KINDS, make_synthetic_records, render_defect, render_normal
+from aae_ray.data.images import decode_image, encode_png, mask_arrays, read_table, stable_id, to_model_input
+from aae_ray.data.synthetic import (
+    DEFECT_KINDS,
+    make_synthetic_records,
+    render_defect,
+    render_defect_with_mask,
+    render_normal,
+)
 
 
 def _at_32(pixels: np.ndarray) -> np.ndarray:
@@ -153,3 +160,95 @@ def test_normals_vary():
     assert np.std(centres, axis=0).min() > 0.5
     # Every normal is its own picture, not the same scene with different noise.
     assert np.abs(images[0] - images[1]).mean() > 5
+
+
+# --- masks -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", DEFECT_KINDS)
+def test_mask_is_where_the_defect_differs_from_its_same_seed_normal(kind):
+    # Equally seeded generators share scene and noise seed, so outside the defect the pair differs only by
+    # the sub-threshold noise-free change (MASK_THRESHOLD) plus rounding, and inside by the defect.
+    for size in (32, 64, 128):
+        for seed in range(6):
+            image, mask = render_defect_with_mask(np.random.default_rng([seed, 3]), kind, size)
+            assert mask.dtype == bool and mask.shape == (size, size)
+            assert np.array_equal(image, render_defect(np.random.default_rng([seed, 3]), kind, size))
+            diff = image.astype(np.int16) - render_normal(np.random.default_rng([seed, 3]), size)
+            assert mask.any(), (kind, size, seed)
+            # Under the faintest read noise (1.5 gray levels) plus rounding: the mask leaves out nothing visible.
+            assert np.abs(diff[~mask]).max() <= 3, (kind, size, seed)
+            assert np.abs(diff[mask]).mean() > 15, (kind, size, seed)
+            brighter = (diff[mask] > 0).mean()
+            if _EFFECT[kind] > 0:
+                assert brighter > 0.95, (kind, size, seed, brighter)
+            elif _EFFECT[kind] < 0:
+                assert brighter < 0.05, (kind, size, seed, brighter)
+            else:
+                assert 0.05 < brighter < 0.95, (kind, size, seed, brighter)
+
+
+def test_void_mask_lies_inside_the_joint():
+    for seed in range(10):
+        _, mask = render_defect_with_mask(np.random.default_rng([seed, 4]), "void", 64)
+        normal = render_normal(np.random.default_rng([seed, 4]), 64)
+        # The joint is the dark solder; a void can only remove solder that is there.
+        assert (normal[mask] < np.median(normal)).all(), seed
+        assert mask.mean() < 0.1, seed  # a hole in the joint, not the joint
+
+
+def test_records_carry_the_masks_of_their_defects():
+    records = make_synthetic_records(seed=6, n_normal=10, n_defect=12, size=32)
+    assert all(r.mask is None for r in records if r.truth == NORMAL)
+    defects = [r for r in records if r.truth == DEFECT]
+    for i, r in enumerate(defects):
+        kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
+        image, mask = render_defect_with_mask(np.random.default_rng([6, 1, i]), kind, 32)
+        assert np.array_equal(r.pixels, image)
+        assert r.mask.dtype == np.uint8 and set(np.unique(r.mask)) == {0, 255}
+        assert np.array_equal(r.mask == 255, mask), (i, kind)
+
+
+def test_init_writes_a_mask_for_every_defect_and_none_for_normals(synthetic_ws):
+    table = read_table(synthetic_ws / "data" / "images.parquet")
+    assert table.schema.field("mask").type == pa.binary()
+    rows = table.select(["truth", "height", "width", "mask"]).to_pylist()
+    assert sum(r["truth"] == DEFECT for r in rows) == 24
+    for r in rows:
+        if r["truth"] == NORMAL:
+            assert r["mask"] is None
+            continue
+        mask = decode_image(r["mask"])
+        assert mask.shape == (r["height"], r["width"])
+        assert set(np.unique(mask)) <= {0, 255} and (mask == 255).any()
+
+
+def test_mask_arrays_resize_like_the_model_input():
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[10:30, 20:44] = 255  # on even rows/columns: exactly whole 2x2 blocks at 32
+    thin = np.zeros((64, 64), dtype=np.uint8)
+    thin[:, 7] = 255  # a quarter of each block's weight at 32 px: under half, so gone
+    out = mask_arrays([encode_png(mask), None, encode_png(thin)], 32)
+    assert out.shape == (3, 32, 32) and out.dtype == np.float32
+    expected = np.zeros((32, 32), dtype=np.float32)
+    expected[5:15, 10:22] = 1.0
+    assert np.array_equal(out[0], expected)
+    assert not out[1].any() and not out[2].any()
+    # Upscaling by 2 doubles every pixel, nothing moves.
+    assert np.array_equal(mask_arrays([encode_png(mask)], 128)[0], np.kron(mask > 0, np.ones((2, 2))))
+
+
+@pytest.mark.parametrize(("size", "target"), [(128, 32), (64, 32), (32, 64)])
+def test_mask_arrays_line_up_with_to_model_input(size, target):
+    # The same filter as the images: the mask pushed through to_model_input and thresholded is the same mask,
+    # up to a rare tie that to_model_input's uint8 rounding breaks the other way.
+    masks = [render_defect_with_mask(np.random.default_rng([s, 5]), k, size)[1] for s in range(3) for k in DEFECT_KINDS]
+    pngs = [encode_png(m.astype(np.uint8) * 255) for m in masks]
+    got = mask_arrays(pngs, target)
+    assert set(np.unique(got)) == {0.0, 1.0}
+    assert (got != (to_model_input(pngs, target)[:, 0] >= 0.5)).mean() < 1e-3
+    if target == 32:
+        # Against a plain block mean: they disagree only on the defect's rim, never on a clear block.
+        blocks = np.stack([_at_32(m.astype(np.float32)) for m in masks])
+        differ = got != (blocks >= 0.5)
+        assert (np.abs(blocks[differ] - 0.5) <= 0.25).all()

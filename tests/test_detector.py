@@ -22,13 +22,23 @@ def test_init_only_stores_the_config():
 def test_fit_returns_self_and_sets_the_fitted_attributes(solder):
     det = Detector(tiny_config(epochs=1))
     assert det.fit(solder.normals[:120]) is det
-    assert {"model_", "history_", "hotelling_", "threshold_", "n_train_", "n_defects_mixed_"} <= set(vars(det))
+    assert {"model_", "history_", "hotelling_", "local_", "limit_", "primary_", "threshold_", "n_train_",
+            "n_defects_mixed_"} <= set(vars(det))
     assert len(det.history_) == 1
 
 
 def test_threshold_is_set_and_finite(fitted):
     assert np.isfinite(fitted.threshold_) and fitted.threshold_ > 0
-    assert fitted.threshold_ == fitted.hotelling_.threshold
+    assert fitted.threshold_ == fitted.limit_.threshold
+
+
+def test_the_default_aae_scores_by_the_combined_global_and_local_t2(fitted, solder):
+    """score = max(t2 / q_global, t2_local / q_local), q the (1 - alpha) quantiles on the training normals."""
+    assert fitted.primary_ == "combined" and fitted.local_ is not None
+    s = fitted.score(solder.X[::7])
+    want = np.maximum(s.t2 / fitted.scales_["global"], s.t2_local / fitted.scales_["local"])
+    np.testing.assert_allclose(s.score, want, rtol=1e-12)
+    assert np.isfinite(s.t2_local).all()
 
 
 def test_output_shapes(fitted, solder):
@@ -46,22 +56,42 @@ def test_score_agrees_with_the_single_purpose_methods(fitted, solder):
     X = solder.X[::5]
     s = fitted.score(X)
     assert isinstance(s, Scores)
-    assert all(a.shape == (len(X),) for a in (s.t2, s.p_value, s.anomaly, s.recon_error))
-    np.testing.assert_allclose(s.t2, fitted.score_samples(X), rtol=1e-6)
-    np.testing.assert_array_equal(s.anomaly, s.t2 > fitted.threshold_)
+    assert all(a.shape == (len(X),) for a in (s.score, s.t2, s.t2_local, s.p_value, s.anomaly, s.recon_error))
+    np.testing.assert_allclose(s.score, fitted.score_samples(X), rtol=1e-6)
+    np.testing.assert_allclose(s.t2, fitted.hotelling_.t2(fitted.encode(X)), rtol=1e-6)
+    np.testing.assert_array_equal(s.anomaly, s.score > fitted.threshold_)
     np.testing.assert_allclose(s.recon_error, fitted.reconstruction_error(X), rtol=1e-5)
-    np.testing.assert_allclose(s.p_value, fitted.hotelling_.p_value(s.t2))
+    np.testing.assert_allclose(s.p_value, fitted.limit_.p_value(s.score))
+    np.testing.assert_allclose(s.codes, fitted.encode(X), rtol=1e-6)
+    np.testing.assert_allclose(s.x_hat, fitted.reconstruct(X), rtol=1e-6)
+    np.testing.assert_allclose(s.maps, fitted.anomaly_map(X), rtol=1e-6)
     assert ((s.p_value > 0) & (s.p_value <= 1)).all()
 
 
-def test_anomaly_map_is_the_per_pixel_squared_error(fitted, solder):
+def test_anomaly_map_is_the_local_t2_map_laid_over_the_image(fitted, solder):
+    """Depth-1 local codes of a 32x32 image: a 16x16 T2 map, upsampled 2x; its mean over each 2x2 cell is
+    close to the cell's T2 (bilinear), and its maximum sits in the cell of the map's maximum."""
+    X = solder.X[solder.truth == 1][:4]
+    amap = fitted.anomaly_map(X)
+    assert amap.shape == (4, 32, 32)
+    import torch as t
+    local = fitted.model_.inference(t.from_numpy(X)).local.detach().numpy()
+    t2 = fitted.local_.t2_map(local)  # (4, 16, 16)
+    for a, m in zip(amap, t2, strict=True):
+        i, j = np.unravel_index(a.argmax(), a.shape)
+        assert abs(i // 2 - np.unravel_index(m.argmax(), m.shape)[0]) <= 1
+        assert abs(j // 2 - np.unravel_index(m.argmax(), m.shape)[1]) <= 1
+
+
+def test_the_reconstruction_error_map_stays_an_option(solder):
+    det = Detector(tiny_config(epochs=1, anomaly_map="recon")).fit(solder.normals[:150])
     X = solder.X[:3]
-    np.testing.assert_allclose(fitted.anomaly_map(X), ((fitted.reconstruct(X) - X) ** 2)[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(det.anomaly_map(X), ((det.reconstruct(X) - X) ** 2)[:, 0], rtol=1e-6)
 
 
 def test_predict_flags_what_is_above_the_threshold(fitted, solder):
-    t2 = fitted.score_samples(solder.X)
-    np.testing.assert_array_equal(fitted.predict(solder.X), (t2 > fitted.threshold_).astype(np.int8))
+    score = fitted.score_samples(solder.X)
+    np.testing.assert_array_equal(fitted.predict(solder.X), (score > fitted.threshold_).astype(np.int8))
 
 
 def test_scores_do_not_depend_on_the_batch(fitted, solder):
@@ -118,21 +148,37 @@ def test_calibration_normals_are_held_out_of_training(solder):
 def test_threshold_is_calibrated_when_enough_normals_are_held_out(solder):
     """0.3 of 340 normals = 102 held out, enough for the conformal rank at alpha = 0.01 (needs 99)."""
     det = Detector(tiny_config(epochs=1, calibration_fraction=0.3)).fit(solder.normals)
-    assert det.hotelling_.method == "calibrated"
-    assert len(det.hotelling_.calibration) == 102
+    assert det.limit_.method == "calibrated"
+    assert len(det.limit_.calibration) == 102
+    held = det.score_samples(solder.normals[np.random.default_rng(0).permutation(340)[:102]])
+    assert det.threshold_ == np.sort(held)[int(np.ceil(0.99 * 103)) - 1]
 
 
-def test_too_few_held_out_normals_fall_back_to_the_f_limit(fitted, solder):
+def test_too_few_held_out_normals_fall_back_to_the_f_limit_for_the_global_t2(solder):
     """Fewer than 99 held-out normals cannot support the alpha = 0.01 conformal rank."""
-    assert round(fitted.config.calibration_fraction * len(solder.normals)) < 99
-    assert fitted.hotelling_.method == "f_ucl"
-    assert fitted.threshold_ == pytest.approx(f_ucl(fitted.n_train_, 32, 0.01))
+    det = Detector(tiny_config(epochs=1, score="global")).fit(solder.normals)
+    assert round(det.config.calibration_fraction * len(solder.normals)) < 99
+    assert det.limit_.method == "f_ucl"
+    assert det.threshold_ == pytest.approx(f_ucl(det.n_train_, 8, 0.01))
+
+
+def test_too_few_held_out_normals_fall_back_to_the_training_quantile_for_other_scores(fitted):
+    assert fitted.limit_.method == "train_quantile"
+    assert fitted.limit_.calibration.size == fitted.n_train_
 
 
 def test_f_ucl_setting_ignores_held_out_normals(solder):
-    det = Detector(tiny_config(epochs=1, calibration_fraction=0.3, threshold="f_ucl")).fit(solder.normals)
-    assert det.hotelling_.method == "f_ucl"
+    det = Detector(tiny_config(epochs=1, calibration_fraction=0.3, threshold="f_ucl", score="global")
+                   ).fit(solder.normals)
+    assert det.limit_.method == "f_ucl"
     assert det.threshold_ == pytest.approx(f_ucl(238, 8, 0.01))
+
+
+def test_a_score_the_family_cannot_give_is_refused(solder):
+    with pytest.raises(ValueError, match="needs a local map"):
+        Detector(tiny_config(local_depth=0, score="combined")).fit(solder.normals[:100])
+    with pytest.raises(ValueError, match="no native score"):
+        Detector(tiny_config(score="native")).fit(solder.normals[:100])
 
 
 def test_confirmed_defects_are_mixed_in_at_the_anomaly_ratio(solder):
@@ -197,7 +243,8 @@ def test_push_loss_drives_training_defects_out_of_the_normals(solder):
     separation, ratio = {}, {}
     for loss in ("push", "none"):
         torch.manual_seed(0)
-        cfg = tiny_config(latent_dim=16, epochs=10, anomaly_ratio=0.05, defect_loss=loss, push_weight=10.0)
+        cfg = tiny_config(latent_dim=16, epochs=10, anomaly_ratio=0.05, defect_loss=loss, push_weight=10.0,
+                          score="global")  # push acts on the global T2
         det = Detector(cfg).fit(X, y)
         t2 = det.score_samples(X)
         separation[loss] = auroc(y, t2)

@@ -21,7 +21,8 @@ from aae_ray.tuning.spec import parse_spec
 from aae_ray.workflow import score_pool
 from aae_ray.workspace import Workspace
 
-NATIVE = [f for f in FAMILIES if f != "aae"]  # the families scored by their own score, not T2
+NATIVE = [f for f in FAMILIES if f not in ("aae", "patch")]  # the families scored by their own score, not T2
+TRAINED = [f for f in FAMILIES if f != "patch"]  # patch has no network to train (tests/test_patch.py)
 EPOCHS = 30  # each family's tiny model, on the 340 solder normals (Deep SAD: 15 of them pretraining)
 # The GANs with one discriminator step a batch and a narrower discriminator: at the defaults (2 steps, 256
 # units) the discriminator won and EGBAD's test AUROC was 0.59/0.69/0.70 (seeds 0/1/2).
@@ -89,7 +90,7 @@ def test_anogan_fits_t2_on_a_draw_of_at_most_stats_images_normals(solder, monkey
 def test_a_family_scores_by_its_native_score_and_keeps_t2_apart(family_fit, solder):
     det, X = family_fit, solder.X[::5]
     s = det.score(X)
-    assert isinstance(det.scorer_, ScoreLimit) and det.threshold_ == det.scorer_.threshold
+    assert isinstance(det.limit_, ScoreLimit) and det.threshold_ == det.limit_.threshold
     assert all(a.shape == (len(X),) for a in (s.score, s.t2, s.p_value, s.anomaly, s.recon_error))
     np.testing.assert_allclose(s.score, det.score_samples(X), rtol=1e-5)
     np.testing.assert_allclose(s.t2, det.hotelling_.t2(det.encode(X)), rtol=1e-5)
@@ -112,16 +113,16 @@ def test_a_family_artifact_round_trips_with_identical_scores(family_fit, solder,
     a, b = family_fit.score(solder.X[:40]), det.score(solder.X[:40])
     for field in ("score", "t2", "p_value", "anomaly", "recon_error"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
-    assert det.threshold_ == family_fit.threshold_ and det.scorer_.method == family_fit.scorer_.method
+    assert det.threshold_ == family_fit.threshold_ and det.limit_.method == family_fit.limit_.method
 
 
-def test_an_aae_artifact_has_no_score_json_and_scores_by_t2(fitted, solder, tmp_path):
+def test_an_aae_artifact_round_trips_its_global_and_local_t2(fitted, solder, tmp_path):
     artifacts.save(fitted, tmp_path / "m", {"round": 0})
-    assert not (tmp_path / "m" / "score.json").exists()
     det = artifacts.load(tmp_path / "m")
-    s = det.score(solder.X[:10])
-    np.testing.assert_array_equal(s.score, s.t2)
-    assert det.scorer_ is det.hotelling_
+    a, b = fitted.score(solder.X[:20]), det.score(solder.X[:20])
+    for field in ("score", "t2", "t2_local", "p_value", "anomaly", "recon_error", "maps"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    assert (det.primary_, det.scales_) == (fitted.primary_, fitted.scales_)
 
 
 def test_a_family_artifact_without_score_json_is_refused(family_fit, tmp_path):
@@ -135,10 +136,10 @@ def test_a_family_artifact_without_score_json_is_refused(family_fit, tmp_path):
 def test_enough_held_out_normals_calibrate_the_threshold(family, solder):
     """0.3 of 340 normals = 102 held out, enough for the conformal rank at alpha = 0.01 (needs 99)."""
     det = Detector(tiny_config(family=family, epochs=1, calibration_fraction=0.3)).fit(solder.normals)
-    assert det.scorer_.method == "calibrated" and len(det.scorer_.calibration) == 102
+    assert det.limit_.method == "calibrated" and len(det.limit_.calibration) == 102
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", TRAINED)
 def test_a_family_that_goes_nan_raises_training_diverged(family, solder):
     def poison(log, model):
         if log.epoch == 1:

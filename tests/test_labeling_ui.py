@@ -157,8 +157,19 @@ def test_a_family_with_its_own_score_shows_that_score(ws_copy, monkeypatch):
     at = app()
     first = min(pq.read_table(ws_copy / "rounds" / "r000" / "scores.parquet").to_pylist(), key=lambda r: r["rank"])
     shown = {m.label: m.value for m in at.metric}
-    assert shown["Score (vae)"] == f"{first['score']:.4g}" and "T²" not in shown
+    assert shown["vae score"] == f"{first['score']:.4g}" and "T²" not in shown
     at.radio(key="mode").set_value("Grid").run()
     captions = [img.caption for el in at.get("image") for img in el.proto.imgs]
     assert len(captions) == 12
-    assert captions[0] == f"#{first['rank']} · vae {first['score']:.3g}"
+    assert captions[0] == f"#{first['rank']} · vae score {first['score']:.3g}"
+
+
+def test_the_card_draws_the_local_t2_map_and_names_the_combined_score(lab_ws):
+    """The default AAE's heat map is its local T² map (issue 14): the card's third image says so, and its score
+    metric is the combined T² that ranks the queue."""
+    at = app()
+    captions = [img.caption for el in at.get("image") for img in el.proto.imgs]
+    assert captions == ["image", "reconstruction", "anomaly map (red: local T²)"]
+    first = min(pq.read_table(lab_ws / "rounds" / "r000" / "scores.parquet").to_pylist(), key=lambda r: r["rank"])
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["combined T²"] == f"{first['score']:.4g}"

@@ -46,6 +46,9 @@ def test_reconstruction_loss_trains_on_a_batch_of_two(family):
     loss, codes, logs = model.reconstruction_loss(torch.rand(2, 1, 32, 32), torch.zeros(2, dtype=torch.bool))
     loss.backward()
     assert loss.ndim == 0 and math.isfinite(loss.item())
+    if family == "aae":  # the global codes and the local code map (the default local_depth of 1)
+        codes, local = codes
+        assert local.shape == (2, cfg.local_dim, 16, 16) and not local.requires_grad
     assert codes.shape == (2, 12) and not codes.requires_grad
     assert set(logs) == {"rec"}
 

@@ -34,7 +34,7 @@ def assert_same(got: PoolScores, ws: Workspace, with_codes: bool, ties: bool = F
     np.testing.assert_allclose(got.t2, s.t2, rtol=1e-5)
     np.testing.assert_allclose(got.score, s.score, rtol=1e-5)
     if ties:
-        step = 1 / (len(det.scorer_.calibration) + 1)
+        step = 1 / (len(det.limit_.calibration) + 1)
         assert np.abs(got.p_value - s.p_value).max() <= step + 1e-12
         assert (got.anomaly != s.anomaly).sum() <= 1
     else:

@@ -9,6 +9,8 @@ from scipy import stats
 
 from aae_ray.scoring import (
     Hotelling,
+    LocalHotelling,
+    ScoreLimit,
     auprc,
     auroc,
     f_ucl,
@@ -146,10 +148,11 @@ def test_fit_with_too_few_codes_raises():
         Hotelling.fit(np.random.default_rng(0).normal(size=(6, 5)))
 
 
-def test_fitted_threshold_is_the_f_limit_until_calibrated():
+def test_fitted_threshold_is_the_f_limit():
     hot = Hotelling.fit(gaussian(np.random.default_rng(3), 400), alpha=0.05)
-    assert hot.method == "f_ucl"
     assert hot.threshold == hot.ucl_f == pytest.approx(f_ucl(400, 5, 0.05))
+    lim = ScoreLimit.f_limit(hot)
+    assert (lim.method, lim.threshold) == ("f_ucl", hot.threshold)
 
 
 # --- on Gaussian codes the F limit is exact -------------------------------------------------------------------
@@ -185,7 +188,12 @@ def test_f_p_value_equals_alpha_at_the_limit():
     assert hot.p_value(np.array([hot.threshold]))[0] == pytest.approx(0.02, rel=1e-9)
 
 
-# --- conformal calibration ------------------------------------------------------------------------------------
+# --- conformal calibration: the one limit type (ScoreLimit) ---------------------------------------------------
+
+
+def calibrated(hot: Hotelling, z_heldout: np.ndarray, z_train: np.ndarray | None = None) -> ScoreLimit:
+    train = hot.t2(z_heldout if z_train is None else z_train)
+    return ScoreLimit.fit(train, hot.t2(z_heldout), hot.alpha)
 
 
 def test_f_limit_over_alarms_on_heavy_tailed_codes():
@@ -201,11 +209,12 @@ def test_calibrated_threshold_holds_alpha_on_heavy_tailed_codes():
     distribution. With m = 5,000 its sd is ~0.0014, and 20,000 test draws add ~0.0007 (measured 0.0066-0.0125
     over 30 seeds)."""
     rng = np.random.default_rng(0)
-    hot = Hotelling.fit(multivariate_t(rng, 2000), alpha=0.01).calibrate(multivariate_t(rng, 5000))
-    assert hot.method == "calibrated"
-    assert hot.threshold > hot.ucl_f  # heavy tails need a higher limit than the F distribution's
+    hot = Hotelling.fit(multivariate_t(rng, 2000), alpha=0.01)
+    lim = calibrated(hot, multivariate_t(rng, 5000))
+    assert lim.method == "calibrated"
+    assert lim.threshold > hot.ucl_f  # heavy tails need a higher limit than the F distribution's
     t2 = hot.t2(multivariate_t(rng, 20_000))
-    assert 0.006 <= float(np.mean(t2 > hot.threshold)) <= 0.014
+    assert 0.006 <= float(np.mean(t2 > lim.threshold)) <= 0.014
 
 
 def test_calibrated_threshold_is_the_conformal_rank():
@@ -213,58 +222,105 @@ def test_calibrated_threshold_is_the_conformal_rank():
     rng = np.random.default_rng(5)
     hot = Hotelling.fit(rng.normal(size=(300, 3)))
     held = rng.normal(size=(199, 3))
-    assert hot.calibrate(held).threshold == np.sort(hot.t2(held))[197]
+    assert calibrated(hot, held).threshold == np.sort(hot.t2(held))[197]
 
 
-def test_calibration_with_too_few_held_out_normals_keeps_the_f_limit():
+def test_too_few_held_out_normals_fall_back_to_the_training_quantile():
     """With alpha = 0.01 the rank ceil(0.99 (m + 1)) exceeds m until m = 99."""
     rng = np.random.default_rng(6)
     hot = Hotelling.fit(rng.normal(size=(300, 3)), alpha=0.01)
-    assert hot.calibrate(rng.normal(size=(98, 3))) is hot
-    assert hot.calibrate(rng.normal(size=(99, 3))).method == "calibrated"
+    train = rng.normal(size=(300, 3))
+    assert calibrated(hot, rng.normal(size=(98, 3)), train).method == "train_quantile"
+    assert calibrated(hot, rng.normal(size=(99, 3)), train).method == "calibrated"
+    assert ScoreLimit.fit(np.arange(10.0), None, 0.01).method == "train_max"
 
 
 def test_conformal_p_values_on_a_hand_case():
-    """p = (1 + #{calibration T2 >= t}) / (m + 1) with calibration T2 = 1, 2, 3, 4."""
-    hot = Hotelling(np.zeros(1), np.eye(1), 10, 1, 0.2, 4.0, 0.0, calibration=np.array([1.0, 2.0, 3.0, 4.0]))
-    np.testing.assert_allclose(hot.p_value(np.array([0.0, 2.0, 2.5, 4.0, 100.0])), [1.0, 0.8, 0.6, 0.4, 0.2])
+    """p = (1 + #{calibration scores >= s}) / (m + 1) with calibration scores 1, 2, 3, 4."""
+    lim = ScoreLimit(0.2, 4.0, np.array([1.0, 2.0, 3.0, 4.0]), "calibrated")
+    np.testing.assert_allclose(lim.p_value(np.array([0.0, 2.0, 2.5, 4.0, 100.0])), [1.0, 0.8, 0.6, 0.4, 0.2])
 
 
 def test_conformal_p_values_lie_in_zero_one():
     rng = np.random.default_rng(7)
-    hot = Hotelling.fit(multivariate_t(rng, 500)).calibrate(multivariate_t(rng, 300))
-    pv = hot.p_value(hot.t2(np.vstack([multivariate_t(rng, 1000), np.full((3, 5), 1e6), hot.mean[None]])))
+    hot = Hotelling.fit(multivariate_t(rng, 500))
+    lim = calibrated(hot, multivariate_t(rng, 300))
+    pv = lim.p_value(hot.t2(np.vstack([multivariate_t(rng, 1000), np.full((3, 5), 1e6), hot.mean[None]])))
     assert ((pv > 0) & (pv <= 1)).all()
     assert pv.min() == pytest.approx(1 / 301) and pv.max() == 1.0
 
 
-@pytest.mark.parametrize("calibrated", [False, True], ids=["f_ucl", "calibrated"])
-def test_flagged_exactly_when_p_value_is_at_most_alpha(calibrated):
-    """The threshold and the p-values are one decision: t2 > threshold <=> p <= alpha."""
+@pytest.mark.parametrize("method", ["f_ucl", "calibrated"])
+def test_flagged_exactly_when_p_value_is_at_most_alpha(method):
+    """The threshold and the p-values are one decision: score > threshold <=> p <= alpha."""
     rng = np.random.default_rng(8)
     hot = Hotelling.fit(multivariate_t(rng, 1000), alpha=0.05)
-    if calibrated:
-        hot = hot.calibrate(multivariate_t(rng, 400))
+    lim = ScoreLimit.f_limit(hot) if method == "f_ucl" else calibrated(hot, multivariate_t(rng, 400))
     t2 = hot.t2(multivariate_t(rng, 5000))
-    flagged = t2 > hot.threshold
+    flagged = t2 > lim.threshold
     assert 0 < flagged.sum() < len(t2)
-    np.testing.assert_array_equal(flagged, hot.p_value(t2) <= 0.05)
+    np.testing.assert_array_equal(flagged, lim.p_value(t2) <= 0.05)
 
 
-@pytest.mark.parametrize("calibrated", [False, True], ids=["f_ucl", "calibrated"])
-def test_to_dict_from_dict_round_trip_through_json(calibrated):
+def test_hotelling_round_trips_through_json():
     rng = np.random.default_rng(9)
     hot = Hotelling.fit(rng.normal(size=(300, 4)), alpha=0.05)
-    if calibrated:
-        hot = hot.calibrate(rng.normal(size=(100, 4)))
-    d = json.loads(json.dumps(hot.to_dict(), allow_nan=False))
-    assert d["method"] == hot.method
-    back = Hotelling.from_dict(d)
+    back = Hotelling.from_dict(json.loads(json.dumps(hot.to_dict(), allow_nan=False)))
     z = rng.normal(size=(50, 4)) * 3
     np.testing.assert_array_equal(back.t2(z), hot.t2(z))
     np.testing.assert_array_equal(back.p_value(back.t2(z)), hot.p_value(hot.t2(z)))
-    assert (back.threshold, back.n, back.p, back.alpha, back.method) == (
-        hot.threshold, hot.n, hot.p, hot.alpha, hot.method)
+    assert (back.threshold, back.n, back.p, back.alpha) == (hot.threshold, hot.n, hot.p, hot.alpha)
+
+
+@pytest.mark.parametrize("method", ["f_ucl", "calibrated"])
+def test_score_limit_round_trips_through_json(method):
+    rng = np.random.default_rng(9)
+    hot = Hotelling.fit(rng.normal(size=(300, 4)), alpha=0.05)
+    lim = ScoreLimit.f_limit(hot) if method == "f_ucl" else calibrated(hot, rng.normal(size=(100, 4))).with_f(hot)
+    d = json.loads(json.dumps(lim.to_dict(), allow_nan=False))
+    assert d["threshold_basis"] == method and d["n_calibration"] == len(lim.calibration)
+    back = ScoreLimit.from_dict(d)
+    t2 = hot.t2(rng.normal(size=(50, 4)) * 3)
+    np.testing.assert_array_equal(back.p_value(t2), lim.p_value(t2))
+    assert (back.threshold, back.method, back.ucl_f) == (lim.threshold, lim.method, lim.ucl_f)
+
+
+# --- local T2: Hotelling's T2 at every position of a feature map -------------------------------------------
+
+
+def test_local_t2_peaks_where_a_planted_outlier_is():
+    """Gaussian feature maps, one position of one image pushed 8 sd out: its map's maximum is at that
+    position, per position and shared alike, and each position's T2 equals a hand-computed Mahalanobis
+    distance with scikit-learn's Ledoit-Wolf fit of that position."""
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(10)
+    train = rng.normal(size=(400, 3, 5, 5))
+    test = rng.normal(size=(20, 3, 5, 5))
+    test[7, :, 3, 1] += 8.0
+    for per_position in (True, False):
+        loc = LocalHotelling.fit(train, per_position=per_position)
+        t2 = loc.t2_map(test)
+        assert t2.shape == (20, 5, 5)
+        assert np.unravel_index(t2[7].argmax(), (5, 5)) == (3, 1)
+        assert loc.image_score(t2).argmax() == 7
+    lw = LedoitWolf().fit(train[:, :, 2, 4])
+    d = test[:, :, 2, 4] - lw.location_
+    np.testing.assert_allclose(LocalHotelling.fit(train, per_position=True).t2_map(test)[:, 2, 4],
+                               np.einsum("ni,ij,nj->n", d, lw.precision_, d), rtol=1e-5)
+
+
+def test_local_image_score_is_the_max_or_the_top_k_mean():
+    loc = LocalHotelling(np.zeros((1, 1)), np.eye(1)[None], (2, 2), topk=1)
+    maps = np.array([[[1.0, 5.0], [3.0, 2.0]]])
+    assert loc.image_score(maps)[0] == 5.0
+    assert LocalHotelling(loc.mean, loc.precision, (2, 2), topk=2).image_score(maps)[0] == 4.0
+
+
+def test_local_t2_refuses_a_map_of_another_shape():
+    loc = LocalHotelling.fit(np.random.default_rng(0).normal(size=(50, 2, 3, 3)), per_position=True)
+    with pytest.raises(ValueError, match="does not match"):
+        loc.t2_map(np.zeros((2, 2, 4, 4)))
 
 
 # --- metrics (1 = defect; a higher score is more abnormal) ----------------------------------------------------

@@ -26,7 +26,7 @@ from aae_ray.workspace import Workspace
 AAE_RAY = Path(sys.executable).with_name("aae-ray")
 IMAGES_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("height", pa.int32()),
                            ("width", pa.int32()), ("channels", pa.int32()), ("source", pa.string()),
-                           ("split", pa.string()), ("truth", pa.int8())])
+                           ("split", pa.string()), ("truth", pa.int8()), ("mask", pa.binary())])
 
 
 def images(ws: Path) -> pa.Table:
@@ -113,7 +113,8 @@ def test_folder_import_lists_a_corrupt_file_and_writes_the_report(tmp_path, caps
 
 def test_train_writes_the_round_zero_model(trained_ws):
     model = trained_ws / "rounds" / "r000" / "model"
-    assert {p.name for p in model.iterdir()} == {"weights.safetensors", "config.json", "t2.json", "metrics.json"}
+    assert {p.name for p in model.iterdir()} == {"weights.safetensors", "config.json", "t2.json", "score.json",
+                                                 "local.safetensors", "metrics.json"}
     metrics = artifacts.read_metrics(model)
     assert metrics["round"] == 0
     assert {"val_auroc", "test_auroc", "trial", "data_fingerprint"} <= metrics.keys()
@@ -137,9 +138,11 @@ def test_train_fingerprints_the_training_data(trained_ws):
 
 def test_score_writes_the_queue_with_the_design_columns(scored_ws):
     table = pq.read_table(scored_ws / "rounds" / "r000" / "scores.parquet")
-    # `score` (the family's primary score, T2 for the AAE) was added after DESIGN.md's columns; it ranks the queue.
-    assert table.column_names == ["id", "t2", "p_value", "anomaly", "rank", "score"]
-    assert table.column("score").to_pylist() == table.column("t2").to_pylist()  # the AAE scores by T2
+    # `score` (the primary score: the AAE's combined global and local T2) ranks the queue; `t2_local` beside it.
+    assert table.column_names == ["id", "t2", "p_value", "anomaly", "rank", "score", "t2_local"]
+    t2, local, score = (table.column(c).to_numpy() for c in ("t2", "t2_local", "score"))
+    scales = json.loads((scored_ws / "rounds" / "r000" / "model" / "score.json").read_text())["scales"]
+    np.testing.assert_allclose(score, np.maximum(t2 / scales["global"], local / scales["local"]), rtol=1e-12)
     assert table.schema.field("anomaly").type == pa.bool_()
 
 
@@ -148,9 +151,9 @@ def test_score_ranks_the_whole_pool_most_suspicious_first(scored_ws):
     pool = {r["id"] for r in images(scored_ws).select(["id", "split"]).to_pylist() if r["split"] == "pool"}
     assert sorted(r["id"] for r in rows) == sorted(pool)
     assert sorted(r["rank"] for r in rows) == list(range(1, len(pool) + 1))
-    t2 = {r["rank"]: r["t2"] for r in rows}
-    assert t2[1] == max(t2.values())
-    assert all(t2[k] >= t2[k + 1] for k in range(1, len(rows)))
+    score = {r["rank"]: r["score"] for r in rows}
+    assert score[1] == max(score.values())
+    assert all(score[k] >= score[k + 1] for k in range(1, len(rows)))
     assert [r["rank"] for r in rows] == sorted(r["rank"] for r in rows)  # the file is the queue, in order
 
 
@@ -163,7 +166,7 @@ def test_score_with_an_empty_pool_writes_an_empty_queue(trained_ws, tmp_path):
     assert run_cli("score", ws) == 0
     queue = pq.read_table(ws / "rounds" / "r000" / "scores.parquet")
     assert queue.num_rows == 0
-    assert queue.column_names == ["id", "t2", "p_value", "anomaly", "rank", "score"]
+    assert queue.column_names == ["id", "t2", "p_value", "anomaly", "rank", "score", "t2_local"]
 
 
 def test_score_flags_and_p_values_come_from_the_promoted_model(scored_ws):

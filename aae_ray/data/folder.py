@@ -1,4 +1,5 @@
-"""Import plain image folders: one of normal images, optionally one of defects and one of unlabeled images.
+"""Import plain image folders: one of normal images, optionally one of defects and one of unlabeled images,
+and a folder of ground-truth masks for the defects.
 
 Ids come from the file bytes and splits from the ids, so re-importing the same files (even moved or renamed)
 gives the same rows, and `merge_tables` keeps the import idempotent.
@@ -113,8 +114,51 @@ def _decode(data: bytes) -> tuple[np.ndarray | None, str]:
     return pixels, ""
 
 
+def mask_candidates(rel: Path) -> list[Path]:
+    """Where the mask of the defect image at `rel` (relative to the defect folder) may be, relative to the mask
+    folder, first found wins: the same path (masks mirroring the images), MVTec AD's `<name>_mask` beside it,
+    and both as .png, since masks stay lossless when the images are JPEG (VisA's layout)."""
+    stems = [rel.stem, f"{rel.stem}_mask"]
+    suffixes = [rel.suffix] if rel.suffix.lower() == ".png" else [rel.suffix, ".png"]
+    return [rel.with_name(stem + suffix) for suffix in suffixes for stem in stems]
+
+
+def _check_mask_folder(mask: Path, defect: Path | None) -> None:
+    if defect is None:
+        raise ValueError("a mask folder needs a defect folder: masks belong to the defect images")
+    if mask.resolve() == Path(defect).resolve():
+        raise ValueError(f"the mask folder {mask} is the defect folder: every image would be its own mask")
+
+
+def _with_mask(record: ImageRecord, rel: Path, mask_dir: Path, skipped: list[Skipped]) -> tuple[ImageRecord, bool]:
+    """The record with its mask from `mask_dir` if there is a usable one (a broken one goes to `skipped`), and
+    whether there was a mask file at all."""
+    path = next((mask_dir / c for c in mask_candidates(rel) if (mask_dir / c).is_file()), None)
+    if path is None:
+        return record, False
+    mask, why = _read_mask(path, record.pixels.shape[:2])
+    if mask is None:
+        skipped.append(Skipped(os.path.abspath(path), f"mask of {record.source} not used: {why}"))
+        return record, True
+    return replace(record, mask=mask), True
+
+
+def _read_mask(path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
+    """The mask as uint8 0/255 (any nonzero value is defect: 0/255 and 0/1 label masks alike), or None and why."""
+    data, why = _read(path)
+    if data is None:
+        return None, why
+    pixels, why = _decode(data)
+    if pixels is None:
+        return None, why
+    if pixels.shape[:2] != shape:
+        return None, f"it is {pixels.shape[1]}x{pixels.shape[0]} pixels, the image {shape[1]}x{shape[0]}"
+    gray = pixels.max(axis=2) if pixels.ndim == 3 else pixels
+    return np.where(gray > 0, 255, 0).astype(np.uint8), ""
+
+
 def import_folders(
-    *, normal: Path, defect: Path | None = None, unlabeled: Path | None = None
+    *, normal: Path, defect: Path | None = None, unlabeled: Path | None = None, mask: Path | None = None
 ) -> FolderImport:
     """Import images from folders, walked recursively in sorted order.
 
@@ -123,17 +167,25 @@ def import_folders(
     one already imported is skipped. Unreadable or undecodable files and non-image files are reported in
     `skipped` and the import goes on.
 
+    `mask` is a folder of ground-truth masks of the defect images (see `mask_candidates` for how a mask is
+    found; nonzero pixels are defect). A defect image without a mask file gets none. A mask that cannot be
+    read or decoded, or whose size differs from its image's, is reported in `skipped` and the image is
+    imported without a mask: a broken annotation should not cost the image, which training can still use.
+
     Raises:
         FileNotFoundError: a given folder does not exist.
-        ValueError: `normal` holds no readable image.
+        ValueError: `normal` holds no readable image; `mask` without `defect`, or no defect image has a mask.
     """
     folders = {"normal": normal, "defect": defect, "unlabeled": unlabeled}
-    for kind, folder in folders.items():
+    for kind, folder in {**folders, "mask": mask}.items():
         if folder is not None and not Path(folder).is_dir():
             raise FileNotFoundError(f"{kind} folder {folder} does not exist or is not a folder")
+    if mask is not None:
+        _check_mask_folder(Path(mask), defect)
 
     found: list[tuple[str, str, ImageRecord]] = []  # (kind, id, record) before splits are set
     skipped: list[Skipped] = []
+    mask_files = 0  # masks found for defect images, usable or not
     first_path: dict[str, str] = {}  # id -> path it was imported from
     for kind, folder in folders.items():
         if folder is None:
@@ -156,10 +208,18 @@ def import_folders(
                 skipped.append(Skipped(source, why))
                 continue
             first_path[image_id] = source
-            found.append((kind, image_id, ImageRecord(image_id, pixels, source, "", _TRUTH[kind])))
+            record = ImageRecord(image_id, pixels, source, "", _TRUTH[kind])
+            if kind == "defect" and mask is not None:
+                record, matched = _with_mask(record, path.relative_to(folder), Path(mask), skipped)
+                mask_files += matched
+            found.append((kind, image_id, record))
 
     if not any(kind == "normal" for kind, _, _ in found):
         raise ValueError(f"no readable image ({', '.join(IMAGE_SUFFIXES)}) in normal folder {normal}")
+    if mask is not None and mask_files == 0:
+        # Not one match is a wrong folder or layout, not a few unannotated defects.
+        raise ValueError(f"no defect image has a mask in {mask} (expected the same relative path as the image, "
+                         f"or MVTec's <name>_mask.png)")
     defect_ids = [i for kind, i, _ in found if kind == "defect"]
     split_of = dict(zip(defect_ids, defect_splits(defect_ids), strict=True))
     records = [

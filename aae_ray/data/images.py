@@ -25,19 +25,24 @@ SCHEMA = pa.schema(
         ("source", pa.string()),
         ("split", pa.string()),
         ("truth", pa.int8()),  # nullable: 1 defect, 0 normal, null unknown
+        ("mask", pa.binary()),  # nullable PNG, uint8 255 = defect pixel: for evaluation only, never for training
     ]
 )
+# Tables written before masks existed lack only the last column; read_table fills it with nulls.
+_SCHEMA_WITHOUT_MASK = pa.schema([f for f in SCHEMA if f.name != "mask"])
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image ready for the table. `pixels` is uint8, (H, W) gray or (H, W, 3) RGB."""
+    """One image ready for the table. `pixels` is uint8, (H, W) gray or (H, W, 3) RGB; `mask`, if known, is
+    (H, W) with nonzero (bool True, or 255) where the defect is."""
 
     id: str
     pixels: np.ndarray
     source: str
     split: str
     truth: int | None
+    mask: np.ndarray | None = None
 
 
 def stable_id(*parts: str | bytes) -> str:
@@ -111,9 +116,17 @@ def make_table(records: list[ImageRecord]) -> pa.Table:
             "source": [r.source for r in records],
             "split": [r.split for r in records],
             "truth": [r.truth for r in records],
+            "mask": [None if r.mask is None else _mask_png(r.mask, r.pixels.shape[:2], r.id) for r in records],
         },
         schema=SCHEMA,
     )
+
+
+def _mask_png(mask: np.ndarray, shape: tuple[int, ...], image_id: str) -> bytes:
+    """A mask as a 0/255 PNG; any nonzero value counts as defect, so bool and 0/1 masks store alike."""
+    if mask.shape != shape:
+        raise ValueError(f"the mask of image {image_id} is {mask.shape}, its image {shape}")
+    return encode_png(np.where(mask > 0, 255, 0).astype(np.uint8))
 
 
 def write_table(table: pa.Table, path: Path) -> None:
@@ -129,6 +142,8 @@ def read_table(path: Path) -> pa.Table:
     if not path.exists():
         raise FileNotFoundError(f"no image table at {path}; run `aae-ray init` first")
     table = pq.read_table(path)
+    if table.schema.equals(_SCHEMA_WITHOUT_MASK, check_metadata=False):
+        table = table.append_column(SCHEMA.field("mask"), pa.nulls(table.num_rows, pa.binary()))
     if not table.schema.equals(SCHEMA, check_metadata=False):
         raise ValueError(f"{path} does not have the image schema {SCHEMA.names}")
     return table
@@ -151,4 +166,25 @@ def to_model_input(images: list[bytes], size: int, max_pixels: int | None = None
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
         out[i, 0] = np.asarray(img, dtype=np.float32) / 255.0
+    return out
+
+
+def mask_arrays(masks: list[bytes | None], size: int) -> np.ndarray:
+    """Mask PNGs (None: no defect pixel) -> float32 (N, size, size) in {0, 1}, aligned with to_model_input.
+
+    Resized with to_model_input's own filter (antialiased bilinear) on the 0/1 mask, then thresholded at 0.5: a
+    model pixel is defect when at least half of its weighted footprint is, the same footprint its intensity came
+    from. Nearest would sample one source pixel (biased half a pixel on even factors) and drop or keep thin
+    defects by where they fall.
+    """
+    out = np.zeros((len(masks), size, size), dtype=np.float32)
+    for i, data in enumerate(masks):
+        if data is None:
+            continue
+        pixels = decode_image(data)
+        gray = pixels.max(axis=2) if pixels.ndim == 3 else pixels
+        img = Image.fromarray((gray > 0).astype(np.float32))  # mode F
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+        out[i] = np.asarray(img, dtype=np.float32) >= 0.5
     return out

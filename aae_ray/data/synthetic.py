@@ -7,7 +7,8 @@ at any size. Everything is vectorised on coordinate grids; one 128x128 image tak
 
 A render draws the scene first, then a noise seed, then the defect, all from the same generator. So a
 normal and a defect rendered from equally seeded generators differ only by the defect, which lets tests
-check that each defect is visible on its own.
+check that each defect is visible on its own. The same pairing, before noise, gives each defect's mask
+(render_defect_with_mask).
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from aae_ray.data.images import ImageRecord, stable_id
 
 DEFECT_KINDS: tuple[str, ...] = ("void", "bridge", "insufficient", "excess", "particle", "deformed")
 SIZES = (32, 64, 128)
+# A mask pixel is one where the defect changed the noise-free image by more than this (intensity, 1.0 = white):
+# above uint8 rounding (0.5/255), so blur tails that leave the stored image unchanged are not defect, and under
+# the faintest sensor noise (read noise alone is 1.5-3.8/255), so no visible change is left out. Measured over
+# every kind and size: mask areas shrink by under a third from 1/255 to 8/255 (a defect's largest change is
+# 57-160/255), so the exact value hardly matters.
+MASK_THRESHOLD = 2 / 255
 
 # Split fractions, in the order train, val, test, pool (see make_synthetic_records).
 _NORMAL_SPLITS = (("train", 0.55), ("val", 0.10), ("test", 0.15), ("pool", 0.20))
@@ -86,13 +93,17 @@ def render_normal(rng: np.random.Generator, size: int = 128) -> np.ndarray:
 
 def render_defect(rng: np.random.Generator, kind: str, size: int = 128) -> np.ndarray:
     """One defective solder joint of `kind` (one of DEFECT_KINDS) as uint8 (size, size)."""
-    if kind not in DEFECT_KINDS:
-        raise ValueError(f"unknown defect kind {kind!r}; allowed: {list(DEFECT_KINDS)}")
-    _check_size(size)
-    scene = _draw_scene(rng)
-    noise_seed = int(rng.integers(2**63))
-    scene, defect = _DRAW_DEFECT[kind](rng, scene)
+    _, scene, defect, noise_seed = _draw_defective(rng, kind, size)
     return _render(scene, defect, noise_seed, size)
+
+
+def render_defect_with_mask(rng: np.random.Generator, kind: str, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """`render_defect` and where the defect is: the same uint8 image (rng consumed alike) and a bool (size, size)
+    mask of the pixels where the defect changed the noise-free image by more than MASK_THRESHOLD."""
+    original, scene, defect, noise_seed = _draw_defective(rng, kind, size)
+    clean = _render_clean(scene, defect, size)
+    mask = np.abs(clean - _render_clean(original, _Defect(), size)) > MASK_THRESHOLD
+    return _add_noise(clean, scene, noise_seed), mask
 
 
 def make_synthetic_records(
@@ -101,7 +112,8 @@ def make_synthetic_records(
     """A labeled synthetic data set: normals then defects, splits shuffled with `seed`.
 
     Image i depends only on (seed, normal/defect, i), so growing `n_normal` keeps the existing images.
-    Defect kinds cycle through DEFECT_KINDS so every kind is equally represented.
+    Defect kinds cycle through DEFECT_KINDS so every kind is equally represented. Defects carry their mask
+    (uint8 0/255, render_defect_with_mask); normals have none (None: smaller than an all-zero PNG, same meaning).
     """
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
@@ -121,10 +133,23 @@ def make_synthetic_records(
         records.append(ImageRecord(id_, pixels, "synthetic:normal", str(split), NORMAL))
     for i, split in enumerate(defect_splits):
         kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
-        pixels = render_defect(np.random.default_rng([seed, 1, i]), kind, size)
+        pixels, mask = render_defect_with_mask(np.random.default_rng([seed, 1, i]), kind, size)
         id_ = stable_id("synthetic", str(seed), f"defect-{i}")
-        records.append(ImageRecord(id_, pixels, f"synthetic:{kind}", str(split), DEFECT))
+        mask_u8 = mask.astype(np.uint8) * 255
+        records.append(ImageRecord(id_, pixels, f"synthetic:{kind}", str(split), DEFECT, mask=mask_u8))
     return records
+
+
+def _draw_defective(rng: np.random.Generator, kind: str, size: int) -> tuple[_Scene, _Scene, _Defect, int]:
+    """The draws of one defect render, in render order: (scene without the defect, scene with it, defect,
+    noise seed). Insufficient, excess and deformed change the joint itself, so the two scenes differ."""
+    if kind not in DEFECT_KINDS:
+        raise ValueError(f"unknown defect kind {kind!r}; allowed: {list(DEFECT_KINDS)}")
+    _check_size(size)
+    original = _draw_scene(rng)
+    noise_seed = int(rng.integers(2**63))
+    scene, defect = _DRAW_DEFECT[kind](rng, original)
+    return original, scene, defect, noise_seed
 
 
 def _check_size(size: int) -> None:
@@ -335,6 +360,11 @@ def _span(center: float, reach: float, size: int) -> slice:
 
 def _render(scene: _Scene, defect: _Defect, noise_seed: int, size: int) -> np.ndarray:
     """Scene + defect -> noisy blurred uint8 image."""
+    return _add_noise(_render_clean(scene, defect, size), scene, noise_seed)
+
+
+def _render_clean(scene: _Scene, defect: _Defect, size: int) -> np.ndarray:
+    """Scene + defect -> blurred intensity image before noise (float, 1.0 = white): what a mask compares."""
     grid = _make_grid(scene, size)
     density = _board_density(scene, grid)
     solder = np.zeros_like(density)
@@ -351,8 +381,7 @@ def _render(scene: _Scene, defect: _Defect, noise_seed: int, size: int) -> np.nd
         solder[win] += raster.capsule(grid.x[win], grid.y[win], *defect.bridge)
     density += solder
     image = scene.background * raster.texture(scene.texture_seed, size) * np.exp(-scene.mu * density)
-    image = raster.blur(image, scene.blur_px * size / 128)
-    return _add_noise(image, scene, noise_seed)
+    return raster.blur(image, scene.blur_px * size / 128)
 
 
 def _make_grid(scene: _Scene, size: int) -> _Grid:

@@ -9,10 +9,12 @@ from aae_ray.models.anogan import AnoGAN
 from aae_ray.models.base import FamilyModel
 from aae_ray.models.deepsad import DeepSAD
 from aae_ray.models.egbad import EGBAD
+from aae_ray.models.patch import PatchGaussian
 from aae_ray.models.vae import VariationalAutoencoder
 
 FAMILIES: dict[str, type[FamilyModel]] = {
     "aae": AdversarialAutoencoder,
+    "patch": PatchGaussian,
     "ae": Autoencoder,
     "vae": VariationalAutoencoder,
     "deepsad": DeepSAD,
@@ -21,4 +23,4 @@ FAMILIES: dict[str, type[FamilyModel]] = {
 }
 
 __all__ = ["EGBAD", "FAMILIES", "AdversarialAutoencoder", "AnoGAN", "Autoencoder", "DeepSAD", "FamilyModel",
-           "VariationalAutoencoder"]
+           "PatchGaussian", "VariationalAutoencoder"]

@@ -9,7 +9,7 @@ import torch
 from aae_ray.config import AAEConfig
 from aae_ray.models import losses
 from aae_ray.models.backbone import Decoder, Encoder
-from aae_ray.models.base import FamilyModel, per_image_mse, step
+from aae_ray.models.base import FamilyModel, Inference, per_image_mse, step
 
 
 class Autoencoder(FamilyModel):
@@ -40,6 +40,6 @@ class Autoencoder(FamilyModel):
         step(opt["rec"], loss)
         return logs
 
-    def inference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def inference(self, x: torch.Tensor) -> Inference:
         z, x_hat = self(x)
-        return z, x_hat, per_image_mse(x_hat, x)
+        return Inference(z, x_hat, per_image_mse(x_hat, x))

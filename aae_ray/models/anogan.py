@@ -21,7 +21,7 @@ from torch import nn
 from aae_ray.config import AAEConfig
 from aae_ray.models import gan_parts as gp
 from aae_ray.models.backbone import Decoder
-from aae_ray.models.base import FamilyModel, step
+from aae_ray.models.base import FamilyModel, Inference, step
 
 SEARCH_LR = 0.1  # Adam's step on z in the latent search
 
@@ -103,8 +103,8 @@ class AnoGAN(FamilyModel):
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         return self.search(x)[0]
 
-    def inference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.search(x)
+    def inference(self, x: torch.Tensor) -> Inference:
+        return Inference(*self.search(x))
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         cfg = self.cfg

@@ -47,6 +47,16 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.fc(self.conv(x).flatten(1)))  # (B, latent_dim)
 
+    def features(self, x: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes (B, latent_dim), the feature map after `depth` conv blocks (B, C, S / 2^depth, S / 2^depth))."""
+        h = x
+        feat = x
+        for i, layer in enumerate(self.conv):
+            h = layer(h)
+            if i == 3 * depth - 1:  # three layers a block: conv, norm, activation
+                feat = h
+        return self.norm(self.fc(h.flatten(1))), feat
+
 
 class Decoder(nn.Module):
     """(B, latent_dim) -> (B, 1, S, S) in [0, 1]: the encoder mirrored with transposed convs."""
@@ -64,6 +74,10 @@ class Decoder(nn.Module):
         layers += [nn.ConvTranspose2d(chans[-1], 1, 4, stride=2, padding=1), nn.Sigmoid()]
         self.deconv = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, skip: torch.Tensor | None = None, depth: int = 0) -> torch.Tensor:
+        """`skip` (B, C, S / 2^depth, S / 2^depth), if given, is added where the decoder reaches that size."""
         h = self.fc(z).view(-1, self.c0, self.side, self.side)  # (B, C, s, s)
-        return self.deconv(h)  # (B, 1, S, S)
+        if skip is None:
+            return self.deconv(h)  # (B, 1, S, S)
+        at = 3 * (len(self.deconv) // 3 - depth + 1)  # layers before the mirror of encoder block `depth`
+        return self.deconv[at:](self.deconv[:at](h) + skip)

@@ -18,7 +18,7 @@ import torch
 
 from aae_ray.config import AAEConfig
 from aae_ray.models.backbone import Decoder, Encoder
-from aae_ray.models.base import FamilyModel, per_image_mse, step
+from aae_ray.models.base import FamilyModel, Inference, per_image_mse, step
 
 EPS = 1e-6  # in the labeled term's denominator (the reference implementation's value)
 EPS_C = 0.1  # the smallest magnitude of a centre entry (ibid.)
@@ -73,9 +73,9 @@ class DeepSAD(FamilyModel):
         step(opt["sad"], loss)
         return {"sad": loss.item()}
 
-    def inference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def inference(self, x: torch.Tensor) -> Inference:
         z, x_hat = self(x)
-        return z, x_hat, self.distance(z)
+        return Inference(z, x_hat, self.distance(z))
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         cfg = self.cfg

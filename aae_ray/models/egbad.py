@@ -16,7 +16,7 @@ from torch import nn
 from aae_ray.config import AAEConfig
 from aae_ray.models import gan_parts as gp
 from aae_ray.models.backbone import Decoder, Encoder
-from aae_ray.models.base import FamilyModel, step
+from aae_ray.models.base import FamilyModel, Inference, step
 
 
 class JointDiscriminator(nn.Module):
@@ -64,11 +64,11 @@ class EGBAD(FamilyModel):
         step(opt["gen"], ge_loss)
         return {"disc": d_loss.item(), "gen_enc": ge_loss.item()}
 
-    def inference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def inference(self, x: torch.Tensor) -> Inference:
         z, x_hat = self(x)
         _, f_x = self.discriminator(x, z)
         _, f_hat = self.discriminator(x_hat, z)
-        return z, x_hat, gp.residual_score(x, x_hat, f_x, f_hat)
+        return Inference(z, x_hat, gp.residual_score(x, x_hat, f_x, f_hat))
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         cfg = self.cfg

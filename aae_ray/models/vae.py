@@ -17,7 +17,7 @@ import torch
 
 from aae_ray.config import AAEConfig
 from aae_ray.models.backbone import Decoder, Encoder
-from aae_ray.models.base import FamilyModel, per_image_mse, step
+from aae_ray.models.base import FamilyModel, Inference, per_image_mse, step
 
 LOGVAR_CLAMP = 10.0  # keeps exp(logvar) finite while the encoder is still wild
 PIXEL_SIGMA = 0.1  # the decoder's pixel noise: weighs reconstruction against the KL term
@@ -56,12 +56,12 @@ class VariationalAutoencoder(FamilyModel):
         step(opt["vae"], loss)
         return {"neg_elbo": loss.item(), "rec": per_image_mse(x_hat, xb).mean().item()}
 
-    def inference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def inference(self, x: torch.Tensor) -> Inference:
         mu, logvar = self.posterior(x)
         x_hat = self.decoder(mu)
         if self.cfg.vae_score == "recon":
-            return mu, x_hat, per_image_mse(x_hat, x)
-        return mu, x_hat, self.negative_elbo(x, x_hat, mu, logvar)
+            return Inference(mu, x_hat, per_image_mse(x_hat, x))
+        return Inference(mu, x_hat, self.negative_elbo(x, x_hat, mu, logvar))
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"vae": torch.optim.Adam(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)}

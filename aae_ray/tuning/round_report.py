@@ -47,9 +47,11 @@ def write_report(ws: Workspace, round_no: int, spec: TuneSpec, trial_values: lis
     else:  # no labels anywhere yet: the training normals' spread is still worth seeing
         a = splits["val"]
         t2, y = det.score_samples(a.X), None
-    name = "T2" if det.scorer_ is det.hotelling_ else f"{det.config.family} score"  # the primary score
-    report.t2_histogram(t2, y, det.threshold_, det.scorer_.ucl_f, out / "t2_histogram.png",
-                        f"{name} on {hist_split or 'val'} ({det.scorer_.method} threshold)")
+    name = {"global": "T2", "local": "local T2", "combined": "combined T2"}.get(det.primary_,
+                                                                                f"{det.config.family} score")
+    ucl = det.limit_.ucl_f if det.primary_ == "global" else float("nan")  # the F limit is the global T2's
+    report.t2_histogram(t2, y, det.threshold_, ucl, out / "t2_histogram.png",
+                        f"{name} on {hist_split or 'val'} ({det.limit_.method} threshold)")
     study = optuna.load_study(study_name=study_name, storage=study_storage)
     report.importances(report.param_importances(study), out / "importances.png", "Parameter importances (Optuna)")
     report.metric_by_trial(trial_values, True, out / "trials.png", "Trials in order", spec.metric)

@@ -254,7 +254,8 @@ def export_best(ws: Workspace, outcome: TuneOutcome, data: TrialData, spec: Tune
     metrics = {"round": outcome.round_no, "trial": best.trial_id, "data_fingerprint": fingerprint_ids(
         data.fingerprint_ids, data.y), **evaluate(ws, det), "objective": best.metric, "objective_metric": spec.metric,
         "objective_source": outcome.objective_source, "threshold": det.threshold_,
-        "threshold_method": det.scorer_.method, "ucl_f": det.scorer_.ucl_f,
+        "threshold_method": det.limit_.method, "threshold_basis": det.limit_.method,
+        "n_calibration": len(det.limit_.calibration), "ucl_f": det.limit_.ucl_f, "primary_score": det.primary_,
         "n_train": trial_metrics.get("n_train"), "n_defects_mixed": trial_metrics.get("n_defects_mixed"),
         "train_images_per_s": trial_metrics.get("images_per_s"), "config": det.config.model_dump()}
     target = ws.model_dir(outcome.round_no)

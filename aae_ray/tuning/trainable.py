@@ -26,6 +26,7 @@ from aae_ray.train import EpochLog, TrainingDiverged
 from aae_ray.tuning.trial_data import TrialData
 
 QUICK_FIT_IMAGES = 2000
+QUICK_NATIVE_IMAGES = 200
 DIVERGED_MARKER = "diverged.txt"
 # Fault injection for tests: "key=value" poisons the weights of trials whose config has that value after
 # epoch 1, so the real divergence check fires (no legal config diverges on demand: clipping saves them all).
@@ -57,8 +58,10 @@ def train_trial(params: dict[str, Any], data: TrialData) -> None:
             return
         if log.epoch == cfg.epochs:
             return  # the finished detector reports below
-        if not det.model_.native_score:  # T2 needs its statistics; native scores do not (AnoGAN's cost a search)
-            det.fit_statistics(quick_normals)
+        # The model as it is: its statistics on a few normals (fewer for a native score, which needs them only
+        # for the reported T2, and whose model may cost a latent search an image: AnoGAN)
+        det.fit_statistics(quick_normals[:QUICK_NATIVE_IMAGES] if det.config.score == "native"
+                           or (det.config.score == "auto" and det.model_.native_score) else quick_normals)
         tune.report({**_objective(det, obj_X, obj_y, data.objective_source), **_epoch_metrics(log)})
 
     try:
