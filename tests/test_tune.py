@@ -270,7 +270,10 @@ def test_the_demo_tunes_scores_and_summarises(ray_local, tmp_path, capsys):
     assert "== 2/4 tune round 0" in out and "tuned round 0" in out and "promoted" in out
     assert "the labeler confirmed" in out and "round 1:" in out
     assert "over HTTP (" in out and "the endpoint is stopped" in out  # it ends by serving and scoring over HTTP
-    assert "demo done: round 0's best trial had test AUROC 0." in out
+    assert "round 0's best trial had test AUROC 0." in out
+    summary = out.strip().splitlines()[-1]  # the demo's one-line summary: AUROC, TPR at the threshold, what next
+    assert summary.startswith("demo done: the promoted model") and "test image AUROC 0." in summary
+    assert "of the test defects with" in summary and "aae-ray label" in summary and "aae-ray serve" in summary
     assert (tmp_path / "demo" / "rounds" / "r000" / "scores.parquet").exists()
     assert (tmp_path / "demo" / "rounds" / "r001" / "scores.parquet").exists()
 
