@@ -230,7 +230,7 @@ class Detector:
                     got["features"] = out.local
                 if local is not None and out.local is not None:
                     t2_map = local.t2_map(out.local.cpu().numpy())
-                    got["local"] = torch.from_numpy(local.image_score(t2_map))
+                    got["local"] = local.image_score(t2_map)
                     if maps and use_local_map:
                         got["maps"] = model.local_to_image(torch.from_numpy(t2_map).float(), X.shape[-1])
                 if maps:
@@ -238,7 +238,8 @@ class Detector:
                     if not use_local_map:
                         got["maps"] = err[:, 0]
                 for k, v in got.items():
-                    parts.setdefault(k, []).append(v.detach().cpu().numpy()[: len(X)])
+                    v = v.detach().cpu().numpy() if torch.is_tensor(v) else v
+                    parts.setdefault(k, []).append(v[: len(X)])
         cat = {k: np.concatenate(v) for k, v in parts.items()}
         return _Raw(cat["codes"], cat.get("native"), cat["recon"], cat.get("local"), cat.get("maps"),
                     cat.get("x_hat"), cat.get("features"))

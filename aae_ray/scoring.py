@@ -154,8 +154,8 @@ class LocalHotelling:
         if features.ndim != 4 or tuple(features.shape[2:]) != self.shape or features.shape[1] != self.mean.shape[1]:
             raise ValueError(f"feature map {features.shape[1:]} does not match the fitted "
                              f"{(self.mean.shape[1], *self.shape)}")
-        n, d = features.shape[:2]
-        f = np.ascontiguousarray(np.asarray(features, dtype=np.float32).reshape(n, d, -1).transpose(2, 0, 1))
+        n = len(features)
+        f = _positions(features, np.float32)
         mean, precision = self._float32
         dev = f - mean[:, None, :]  # (L, N, d)
         t2 = np.einsum("lnd,lnd->ln", dev @ precision, dev)  # a batched matmul over positions: BLAS
@@ -174,12 +174,12 @@ class LocalHotelling:
 SHARED_SAMPLES = 200_000
 
 
-def _positions(features: np.ndarray) -> np.ndarray:
-    f = np.asarray(features, dtype=np.float64)
+def _positions(features: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    f = np.asarray(features, dtype=dtype)
     if f.ndim != 4 or not np.isfinite(f).all():
         raise ValueError(f"expected a finite feature map (N, d, h, w), got shape {f.shape}")
     n, d, h, w = f.shape
-    return f.reshape(n, d, h * w).transpose(2, 0, 1)  # (L, N, d)
+    return np.ascontiguousarray(f.reshape(n, d, h * w).transpose(2, 0, 1))  # (L, N, d)
 
 
 @dataclass(frozen=True)

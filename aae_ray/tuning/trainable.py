@@ -60,8 +60,7 @@ def train_trial(params: dict[str, Any], data: TrialData) -> None:
             return  # the finished detector reports below
         # The model as it is: its statistics on a few normals (fewer for a native score, which needs them only
         # for the reported T2, and whose model may cost a latent search an image: AnoGAN)
-        det.fit_statistics(quick_normals[:QUICK_NATIVE_IMAGES] if det.config.score == "native"
-                           or (det.config.score == "auto" and det.model_.native_score) else quick_normals)
+        det.fit_statistics(quick_normals[:QUICK_NATIVE_IMAGES] if det.primary_ == "native" else quick_normals)
         tune.report({**_objective(det, obj_X, obj_y, data.objective_source), **_epoch_metrics(log)})
 
     try:
