@@ -30,7 +30,7 @@ import torch
 
 from aae_ray.config import AAEConfig
 from aae_ray.scoring import Hotelling, LocalHotelling, ScoreLimit
-from aae_ray.train import EpochCallback, EpochLog, build_model, fit_model, mix_defects
+from aae_ray.train import EpochCallback, EpochLog, build_model, fit_model, mix_defects, place, to_batch
 
 log = logging.getLogger(__name__)
 INFER_BATCH = 512
@@ -202,7 +202,7 @@ class Detector:
 
     def to(self, device: str | torch.device) -> Detector:
         """Run inference on this device (a loaded artifact starts on the CPU)."""
-        self.model_.to(device)
+        place(self.model_, torch.device(device))
         return self
 
     # --- the one pass -------------------------------------------------------------------------------------
@@ -213,12 +213,12 @@ class Detector:
         local = None if features else self.local_
         use_local_map = local is not None and self.config.anomaly_map == "local"
         parts: dict[str, list[np.ndarray]] = {}
-        model = self.model_.eval()
-        device = _device(model)
+        device = _device(self.model_)
+        model = place(self.model_, device).eval()
         batches = range(0, len(X), INFER_BATCH) if len(X) else [0]
         with torch.no_grad():  # not inference_mode: AnoGAN's latent search needs autograd inside
             for i in batches:
-                xb = torch.from_numpy(X[i : i + INFER_BATCH] if len(X) else X[:0]).to(device)
+                xb = to_batch(torch.from_numpy(X[i : i + INFER_BATCH] if len(X) else X[:0]), device)
                 if not len(xb):  # one blank image gives the shapes; none of it is kept
                     xb = torch.zeros((1, *X.shape[1:]), device=device)
                 out = model.inference(xb)
@@ -259,12 +259,12 @@ class Detector:
 
     def _run(self, X: np.ndarray, fn) -> np.ndarray:
         X = _check_images(X, self.config.input_size)
-        model = self.model_.eval()
-        device = _device(model)
+        device = _device(self.model_)
+        model = place(self.model_, device).eval()
         with torch.no_grad():
             if len(X) == 0:  # run one blank image to learn the output's shape, keep none of it
                 return fn(model, torch.zeros((1, *X.shape[1:]), device=device)).cpu().numpy()[:0]
-            outs = [fn(model, torch.from_numpy(X[i : i + INFER_BATCH]).to(device)).cpu().numpy()
+            outs = [fn(model, to_batch(torch.from_numpy(X[i : i + INFER_BATCH]), device)).cpu().numpy()
                     for i in range(0, len(X), INFER_BATCH)]
         return np.concatenate(outs)
 

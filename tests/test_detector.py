@@ -41,6 +41,23 @@ def test_the_default_aae_scores_by_the_combined_global_and_local_t2(fitted, sold
     assert np.isfinite(s.t2_local).all()
 
 
+def test_scores_do_not_depend_on_the_cpu_memory_layout(fitted, solder, monkeypatch):
+    """Channels-last on the CPU is a speed choice (aae_ray.train.memory_format), never a change of answers."""
+    import aae_ray.train
+
+    X = solder.X[::9]
+    fast = fitted.score(X)
+    assert next(fitted.model_.encoder.parameters()).is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(aae_ray.train, "memory_format", lambda device: torch.contiguous_format)
+    plain = fitted.score(X)
+    assert next(fitted.model_.encoder.parameters()).is_contiguous()
+    np.testing.assert_allclose(plain.t2, fast.t2, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(plain.t2_local, fast.t2_local, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(plain.recon_error, fast.recon_error, rtol=1e-4, atol=1e-7)
+    monkeypatch.undo()
+    fitted.score(X[:1])  # leave the session's fitted detector as the other tests found it
+
+
 def test_output_shapes(fitted, solder):
     X = solder.X[:7]
     assert fitted.encode(X).shape == (7, 32)
