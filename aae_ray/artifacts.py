@@ -7,6 +7,8 @@
     score.json            the primary score: which it is, the combined score's scales, and its limit
                           (threshold, threshold_basis, alpha, the sorted normal scores behind its p-values)
     metrics.json          round, val_auroc, test_auroc (null where a split has no labels), trial, ...
+    trained_on.parquet    the ids of the images the model trained on (`id`): a later `aae-ray recalibrate`
+                          must never set the threshold on them
 """
 
 from __future__ import annotations
@@ -20,24 +22,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import safetensors.torch
 import torch
 
 from aae_ray import __version__
+from aae_ray.atomic import write_text
 from aae_ray.config import AAEConfig, validate
 from aae_ray.detector import Detector
 from aae_ray.scoring import Hotelling, LocalHotelling, ScoreLimit
 from aae_ray.train import build_model
 
 FILES = ("weights.safetensors", "config.json", "t2.json", "score.json", "metrics.json")
+TRAINED_ON = "trained_on.parquet"
 
 
 class ArtifactError(ValueError):
     """A model folder that is missing files or does not match its own config."""
 
 
-def save(detector: Detector, folder: Path, metrics: dict[str, Any]) -> Path:
-    """Write the artifact into `folder` atomically (a sibling temp folder renamed into place)."""
+def save(detector: Detector, folder: Path, metrics: dict[str, Any], trained_on: list[str] | None = None) -> Path:
+    """Write the artifact into `folder` atomically (a sibling temp folder renamed into place). `trained_on`:
+    the ids of the images the model trained on, where the caller knows them (the workspace's commands)."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -55,6 +62,8 @@ def save(detector: Detector, folder: Path, metrics: dict[str, Any]) -> Path:
     versions = {"aae_ray": __version__, "torch": torch.__version__, "numpy": np.__version__,
                 "python": platform.python_version()}
     _write_json(tmp / "metrics.json", {"versions": versions, **metrics})
+    if trained_on is not None:
+        pq.write_table(pa.table({"id": pa.array(sorted(trained_on), pa.string())}), tmp / TRAINED_ON)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
@@ -67,10 +76,7 @@ def load(folder: Path) -> Detector:
     missing = [f for f in FILES if not (folder / f).exists()]
     if missing:
         raise ArtifactError(f"{folder} is not a model artifact: missing {', '.join(missing)}")
-    config = _read_json(folder / "config.json")
-    if not isinstance(config, dict):
-        raise ArtifactError(f"{folder / 'config.json'}: expected a JSON object")
-    cfg = validate(config, where=str(folder / "config.json"))
+    cfg = read_config(folder)
     det = Detector(cfg)
     det.model_ = build_model(cfg)
     try:
@@ -95,6 +101,13 @@ def load(folder: Path) -> Detector:
     return det
 
 
+def read_config(folder: Path) -> AAEConfig:
+    config = _read_json(Path(folder) / "config.json")
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{Path(folder) / 'config.json'}: expected a JSON object")
+    return validate(config, where=str(Path(folder) / "config.json"))
+
+
 def _read_local(path: Path, cfg: AAEConfig, shape: tuple[int, int]) -> LocalHotelling:
     if not path.exists():
         raise ArtifactError(f"{path.parent} is not a model artifact: missing {path.name} (its family has a local map)")
@@ -117,6 +130,29 @@ def _read_hotelling(path: Path, latent_dim: int) -> Hotelling:
     if hot.p != latent_dim or hot.mean.shape != (latent_dim,) or hot.precision.shape != (latent_dim, latent_dim):
         raise ArtifactError(f"{path}: statistics for p={hot.p} do not match the model's code size {latent_dim}")
     return hot
+
+
+def save_limit(detector: Detector, folder: Path, metrics: dict[str, Any]) -> None:
+    """Rewrite only the primary score's limit (score.json) and merge `metrics` into metrics.json: a
+    recalibration, weights and T2's statistics untouched. Each file is replaced atomically, score.json first
+    (it is what scoring reads)."""
+    folder = Path(folder)
+    for name, data in (("score.json", {"primary": detector.primary_, "scales": detector.scales_,
+                                       **detector.limit_.to_dict()}),
+                       ("metrics.json", {**read_metrics(folder), **metrics})):
+        write_text(folder / name, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+
+
+def read_trained_on(folder: Path) -> set[str] | None:
+    """The ids the model trained on, or None where the artifact does not say (a model from before this file,
+    or one trained outside a workspace)."""
+    path = Path(folder) / TRAINED_ON
+    if not path.exists():
+        return None
+    try:
+        return set(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+    except (pa.ArrowInvalid, KeyError, OSError) as exc:
+        raise ArtifactError(f"{path}: not a list of training ids ({exc})") from None
 
 
 def read_metrics(folder: Path) -> dict[str, Any]:

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     _search_arguments(sim)
     _policy_argument(sim)
 
+    recal = sub.add_parser("recalibrate", help="re-set the promoted model's threshold on the normals known now "
+                                                "(labels, val) that it never trained on; weights untouched")
+    recal.add_argument("workspace", type=Path)
+
     status = sub.add_parser("status", help="rounds, metrics, labels, current model")
     status.add_argument("workspace", type=Path)
 

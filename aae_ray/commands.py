@@ -12,6 +12,7 @@ from pathlib import Path
 from aae_ray import artifacts
 from aae_ray.config import load_config
 from aae_ray.labels import current_labels, read_events
+from aae_ray.scoring import describe_basis
 from aae_ray.workflow import score_pool, train_round
 from aae_ray.workspace import Workspace, write_text
 
@@ -75,6 +76,21 @@ def train(args: argparse.Namespace) -> int:
           f"test AUROC {_fmt(m['test_auroc'])}, {m['primary_score']} score threshold {m['threshold']:.3g} "
           f"({m['threshold_method']}), "
           f"prior fit (fresh discriminator) {m['prior_fit']['fresh_disc_acc']:.2f}; model in {ws.model_dir(0)}")
+    return 0
+
+
+def recalibrate(args: argparse.Namespace) -> int:
+    from aae_ray.workflow import recalibrate as recalibrate_model
+
+    ws = Workspace.open(args.workspace)
+    out = recalibrate_model(ws)
+    b, a = out["before"], out["after"]
+    if a["threshold"] == b["threshold"] and a["n_calibration"] == b["n_calibration"]:
+        print(f"round {out['round']}: threshold unchanged at {a['threshold']:.4g}; {a['threshold_note']}")
+    else:
+        print(f"round {out['round']}: threshold {b['threshold']:.4g} ({b['threshold_basis']}, {b['n_calibration']} "
+              f"known normals) -> {a['threshold']:.4g} ({a['threshold_basis']}, {a['n_calibration']}); weights "
+              f"untouched, re-promoted so that `aae-ray serve` picks it up. {a['threshold_note']}")
     return 0
 
 
@@ -283,6 +299,12 @@ def status(args: argparse.Namespace) -> int:
               + (f";{on_queue}" if on_queue else ""))
         _print_tune_summary(ws.round_dir(n))
     print(f"current model: {cur['model']} (round {cur['round']})" if cur else "current model: none")
+    if cur:
+        m = artifacts.read_metrics(ws.current_model_dir())
+        alpha = artifacts.read_config(ws.current_model_dir()).alpha
+        basis, n_cal = m.get("threshold_basis") or m.get("threshold_method"), m.get("n_calibration")
+        note = describe_basis(basis, n_cal, alpha) if n_cal is not None else f"threshold basis {basis}"
+        print(f"threshold: {_fmt(m.get('threshold'))}; {note}")
     return 0
 
 

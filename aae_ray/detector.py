@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from aae_ray.config import AAEConfig
-from aae_ray.scoring import Hotelling, LocalHotelling, ScoreLimit
+from aae_ray.scoring import Hotelling, LocalHotelling, ScoreLimit, needed_for_rank
 from aae_ray.train import EpochCallback, EpochLog, build_model, fit_model, mix_defects, place, to_batch
 
 log = logging.getLogger(__name__)
@@ -70,21 +70,27 @@ class Detector:
     # --- fitting ------------------------------------------------------------------------------------------
 
     def fit(
-        self, X: np.ndarray, y: np.ndarray | None = None, *, on_epoch: EpochCallback | None = None,
-        progress: bool = False,
+        self, X: np.ndarray, y: np.ndarray | None = None, *, known: np.ndarray | None = None,
+        X_calibration: np.ndarray | None = None, on_epoch: EpochCallback | None = None, progress: bool = False,
     ) -> Detector:
-        """Train on presumed normals (y != 1) plus confirmed defects (y == 1) at the config's anomaly ratio.
+        """Train on normals (y != 1) plus confirmed defects (y == 1) at the config's anomaly ratio.
 
-        A `calibration_fraction` of the normals is held out of training. T2's means and covariances are fitted
-        on the training normals' codes; with `threshold: calibrated` the limit and p-values come from the
-        held-out normals' primary scores (conformal), since no Gaussian assumption need hold."""
+        `known` marks the normals known to be good (default: all of them: the caller vouches for clean data);
+        the others are presumed normal, trained on but never calibrated on, since a hidden defect among them
+        would raise the limit. A `calibration_fraction` of the known normals is held out of training; together
+        with `X_calibration` (normals known to be good that are not in X, e.g. the val split's) they set the
+        limit and p-values of the primary score (conformal: no Gaussian assumption need hold). Too few of them
+        for the rank at alpha, and the limit falls back (ScoreLimit, `threshold_basis`), with a warning.
+        T2's means and covariances are fitted on the training normals' codes."""
         cfg = self.config
         X = _check_images(X, cfg.input_size)
         y = np.zeros(len(X), dtype=np.int8) if y is None else np.asarray(y)
-        if y.shape != (len(X),):
-            raise ValueError(f"y must have one label per image: {y.shape} vs {len(X)} images")
+        known = np.ones(len(X), dtype=bool) if known is None else np.asarray(known, dtype=bool)
+        for name, a in (("y", y), ("known", known)):
+            if a.shape != (len(X),):
+                raise ValueError(f"{name} must have one label per image: {a.shape} vs {len(X)} images")
         rng = np.random.default_rng(cfg.seed)
-        cal_idx, train_idx = self._split_normals(np.flatnonzero(y != 1), rng)
+        cal_idx, train_idx = self._split_normals(y, known, rng)
         defect_idx = np.flatnonzero(y == 1)
         torch.manual_seed(cfg.seed)  # the initial weights, too, come from the config's seed
         self.model_ = build_model(cfg)
@@ -104,7 +110,13 @@ class Detector:
             self.model_.eval()
             self.history_ = []
         self.n_train_, self.n_defects_mixed_ = len(train_idx), len(mixed)
-        self.fit_statistics(X[train_idx], X[cal_idx])
+        self.calibration_idx_ = cal_idx  # into X: the known normals held out of training for the limit
+        heldout = X[cal_idx]
+        if X_calibration is not None and len(X_calibration):
+            heldout = np.concatenate([heldout, _check_images(X_calibration, cfg.input_size)])
+        self.fit_statistics(X[train_idx], heldout)
+        if self.limit_.method != "calibrated" and cfg.threshold == "calibrated":
+            log.warning("%s", self.limit_.describe())
         return self
 
     def fit_statistics(self, X_normal: np.ndarray, X_heldout: np.ndarray | None = None) -> Detector:
@@ -131,31 +143,61 @@ class Detector:
         self.threshold_ = self.limit_.threshold
         return self
 
-    def _split_normals(self, normal_idx: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """(held-out, training) normals: a `calibration_fraction` of them never trains the model."""
-        normal_idx = rng.permutation(normal_idx)
-        n_cal = round(self.config.calibration_fraction * len(normal_idx))
-        return normal_idx[:n_cal], normal_idx[n_cal:]
+    def _split_normals(self, y: np.ndarray, known: np.ndarray, rng: np.random.Generator
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """(held-out, training) indices: a `calibration_fraction` of the known normals never trains the model;
+        the presumed normals all train it and never calibrate it."""
+        known_idx = rng.permutation(np.flatnonzero((y != 1) & known))
+        n_cal = round(self.config.calibration_fraction * len(known_idx))
+        train_idx = np.sort(np.concatenate([known_idx[n_cal:], np.flatnonzero((y != 1) & ~known)]))
+        return np.sort(known_idx[:n_cal]), train_idx
 
-    def rescored(self, score: str, X: np.ndarray) -> Detector:
+    def rescored(self, score: str, X: np.ndarray, y: np.ndarray | None = None,
+                 known: np.ndarray | None = None) -> Detector:
         """A copy of this fitted detector whose primary score is `score` ("global", "local", ...), its
-        statistics refitted on the same training and held-out normals of X, the normal images `fit` was given.
+        statistics refitted on the same training and held-out normals of (X, y, known), what `fit` was given.
         For comparing scores of one network without training it again."""
         other = Detector(self.config.model_copy(update={"score": score}))
         other.model_, other.history_ = self.model_, self.history_
         other.n_train_, other.n_defects_mixed_ = self.n_train_, self.n_defects_mixed_
-        cal_idx, train_idx = other._split_normals(np.arange(len(X)), np.random.default_rng(self.config.seed))
+        y = np.zeros(len(X), dtype=np.int8) if y is None else np.asarray(y)
+        known = np.ones(len(X), dtype=bool) if known is None else np.asarray(known, dtype=bool)
+        cal_idx, train_idx = other._split_normals(y, known, np.random.default_rng(self.config.seed))
+        other.calibration_idx_ = cal_idx
         return other.fit_statistics(X[train_idx], X[cal_idx])
+
+    def calibrate(self, X_known_normal: np.ndarray) -> Detector:
+        """Re-set the primary score's limit and p-values from these normals, known to be good and never trained
+        on (new labels: `aae-ray recalibrate`), without touching the weights or T2's statistics. Too few of them
+        for the rank at alpha: the F limit for the global T2; any other score keeps its current limit."""
+        X = _check_images(X_known_normal, self.config.input_size)
+        held = self.score(X, maps=False).score if len(X) else None
+        cfg, hot = self.config, self.hotelling_
+        if cfg.threshold == "f_ucl" and self.primary_ == "global":
+            return self
+        n_held = 0 if held is None else len(held)
+        if n_held >= needed_for_rank(cfg.alpha):
+            self.limit_ = ScoreLimit.fit(held, held, cfg.alpha).with_f(hot)  # the held-out rule applies: calibrated
+        elif self.primary_ == "global":
+            self.limit_ = replace(ScoreLimit.f_limit(hot), n_heldout=n_held)
+        else:
+            self.limit_ = replace(self.limit_, n_heldout=n_held)
+        self.threshold_ = self.limit_.threshold
+        return self
 
     def _limit(self, train: np.ndarray, held: np.ndarray | None) -> ScoreLimit:
         cfg, hot = self.config, self.hotelling_
+        n_held = 0 if held is None else len(held)
         if self.primary_ == "global":
             if cfg.threshold == "f_ucl":
-                return ScoreLimit.f_limit(hot)
+                return replace(ScoreLimit.f_limit(hot), n_heldout=n_held)
             limit = ScoreLimit.fit(train, held, cfg.alpha) if held is not None else None
             # Too few held-out normals for the conformal rank: the F limit, not the optimistic training quantile
-            return limit.with_f(hot) if limit is not None and limit.method == "calibrated" else ScoreLimit.f_limit(hot)
-        return ScoreLimit.fit(train, held, cfg.alpha).with_f(hot)
+            if limit is not None and limit.method == "calibrated":
+                return limit.with_f(hot)
+            return replace(ScoreLimit.f_limit(hot), n_heldout=n_held)
+        # The training normals may hide defects (presumed normals): their top t2_trim share is left out
+        return ScoreLimit.fit(train, held, cfg.alpha, trim=cfg.t2_trim).with_f(hot)
 
     @property
     def score_label(self) -> str:

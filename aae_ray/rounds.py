@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from aae_ray import artifacts, scoring
-from aae_ray.workflow import score_pool
+from aae_ray.workflow import recalibrate, score_pool
 from aae_ray.workspace import Workspace
 
 Echo = Callable[[str], None]
@@ -60,6 +60,12 @@ def run_round(ws: Workspace, spec, *, address: str | None = None, policy: str = 
                   f"{old_auc:.4f} (round {current['round']})")
         if promoted:
             ws.promote(round_no, f"aae-ray round: {reason}")
+    # Labels that arrived since the promoted model was calibrated (this round's, or the kept model's since its
+    # own round) re-set its threshold; a no-op when nothing new is known.
+    recalibrated = recalibrate(ws, echo=echo)
+    if recalibrated["after"]["threshold"] != recalibrated["before"]["threshold"]:
+        echo(f"recalibrated round {recalibrated['round']}'s threshold: {recalibrated['before']['threshold']:.4g} -> "
+             f"{recalibrated['after']['threshold']:.4g}; {recalibrated['after']['threshold_note']}")
     queue, _ = score_pool(ws, round_no=round_no, policy=policy)
     return RoundOutcome(round_no, new_auc, old_auc, judged, promoted, reason, queue, outcome.metrics)
 

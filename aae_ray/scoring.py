@@ -184,14 +184,18 @@ def _positions(features: np.ndarray, dtype: type = np.float64) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ScoreLimit:
-    """The one threshold type: the limit and p-values of whichever score is primary.
+    """The one threshold type: the limit and p-values of whichever score is primary (`method`, written to the
+    artifact as `threshold_basis`).
 
-    - "calibrated": conformal on m normals the model never trained on: the threshold is the
-      ceil((1 - alpha)(m + 1))-th smallest of their scores, so a new normal exceeds it with probability
+    - "calibrated": conformal on m normals known to be good that the model never trained on: the threshold is
+      the ceil((1 - alpha)(m + 1))-th smallest of their scores, so a new normal exceeds it with probability
       <= alpha whatever the score's distribution (Vovk et al. 2005), and p = (1 + #{cal >= s}) / (m + 1);
-    - "train_quantile": too few held-out normals for that rank: the same rule on the training normals' scores
-      (PyOD's), which is optimistic, since those images were trained on; "train_max" when even they are few;
-    - "f_ucl": the Phase-II F limit of the global T2 (`f_dof` = (n, p)), where it is asked for."""
+    - "f_ucl": the Phase-II F limit of the global T2 (`f_dof` = (n, p)), where it is asked for, or where too
+      few known normals exist for that rank (m >= 99 at alpha 0.01);
+    - "train_quantile": too few known normals for a score without an F law: the same rule on the training
+      normals' scores, their top `trim` share left out first (they may hide defects); optimistic, since those
+      images were trained on. "train_max" when even they are too few.
+    `n_heldout` counts the known normals that were at hand, used or not (`n_calibration` in the artifact)."""
 
     alpha: float
     threshold: float
@@ -199,20 +203,27 @@ class ScoreLimit:
     method: str
     ucl_f: float = float("nan")  # the global T2's F limit, kept for reports (NaN for other scores)
     f_dof: tuple[int, int] | None = None
+    n_heldout: int = 0
 
     @classmethod
-    def fit(cls, train_scores: np.ndarray, heldout_scores: np.ndarray | None, alpha: float) -> ScoreLimit:
-        for scores, method in ((heldout_scores, "calibrated"), (train_scores, "train_quantile")):
-            if scores is None:
+    def fit(cls, train_scores: np.ndarray, heldout_scores: np.ndarray | None, alpha: float,
+            trim: float = 0.0) -> ScoreLimit:
+        n_held = 0 if heldout_scores is None else len(heldout_scores)
+        train = np.sort(np.asarray(train_scores, dtype=np.float64))
+        if trim > 0 and len(train):
+            train = train[: max(1, int(np.ceil((1 - trim) * len(train))))]
+        for scores, method in ((heldout_scores, "calibrated"), (train, "train_quantile")):
+            if scores is None or not len(scores):
                 continue
             scores = np.sort(np.asarray(scores, dtype=np.float64))
             if not np.isfinite(scores).all():
                 raise ValueError("anomaly scores of the normals are not finite")
             rank = int(np.ceil((1 - alpha) * (len(scores) + 1)))
             if rank <= len(scores):
-                return cls(alpha, float(scores[rank - 1]), scores, method)
-        scores = np.sort(np.asarray(train_scores, dtype=np.float64))
-        return cls(alpha, float(scores[-1]), scores, "train_max")  # too few images for the rank at alpha
+                return cls(alpha, float(scores[rank - 1]), scores, method, n_heldout=n_held)
+        if not len(train):
+            raise ValueError("no normal images to set a limit from")
+        return cls(alpha, float(train[-1]), train, "train_max", n_heldout=n_held)  # too few for the rank at alpha
 
     @classmethod
     def f_limit(cls, hot: Hotelling) -> ScoreLimit:
@@ -230,18 +241,45 @@ class ScoreLimit:
         above = len(cal) - np.searchsorted(cal, np.asarray(score, dtype=np.float64), side="left")
         return (1.0 + above) / (len(cal) + 1.0)
 
+    def describe(self) -> str:
+        return describe_basis(self.method, self.n_heldout, self.alpha)
+
     def to_dict(self) -> dict:
         return {"alpha": self.alpha, "threshold": self.threshold, "method": self.method,
-                "threshold_basis": self.method, "n_calibration": len(self.calibration), "ucl_f": self.ucl_f,
+                "threshold_basis": self.method, "n_calibration": self.n_heldout, "ucl_f": self.ucl_f,
                 "f_dof": None if self.f_dof is None else list(self.f_dof), "calibration": self.calibration.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict) -> ScoreLimit:
         ucl = d.get("ucl_f")
         dof = d.get("f_dof")
-        return cls(float(d["alpha"]), float(d["threshold"]), np.asarray(d["calibration"], dtype=np.float64),
-                   str(d["method"]), float("nan") if ucl is None else float(ucl),
-                   None if dof is None else (int(dof[0]), int(dof[1])))
+        calibration = np.asarray(d["calibration"], dtype=np.float64)
+        n_held = d.get("n_calibration", len(calibration) if d["method"] == "calibrated" else 0)
+        return cls(float(d["alpha"]), float(d["threshold"]), calibration, str(d["method"]),
+                   float("nan") if ucl is None else float(ucl), None if dof is None else (int(dof[0]), int(dof[1])),
+                   int(n_held))
+
+
+def needed_for_rank(alpha: float) -> int:
+    """Known normals a conformal limit at alpha needs: the smallest m with ceil((1 - alpha)(m + 1)) <= m."""
+    m = 1
+    while int(np.ceil((1 - alpha) * (m + 1))) > m:
+        m += 1
+    return m
+
+
+def describe_basis(method: str, n_calibration: int, alpha: float) -> str:
+    """One plain line on where a threshold came from, for fit logs, `aae-ray status` and reports."""
+    need = needed_for_rank(alpha)
+    if method == "calibrated":
+        return f"threshold calibrated on {n_calibration} known normals the model never trained on (alpha {alpha:g})"
+    short = (f"only {n_calibration} known normals for calibration, alpha {alpha:g} needs {need}; label more "
+             "normals (or add val normals) and run `aae-ray recalibrate`")
+    if method == "f_ucl":
+        return f"threshold from the F limit of the global T² ({short})" if n_calibration < need else \
+            "threshold from the F limit of the global T² (asked for: threshold f_ucl)"
+    which = f"{1 - alpha:g} quantile" if method == "train_quantile" else "highest score"
+    return f"threshold from the training normals' {which}, which is optimistic ({short})"
 
 
 # --- metrics: y is 1 = defect, 0 = normal; a higher score means more abnormal -------------------------

@@ -46,9 +46,9 @@ def resolve_device(cfg: AAEConfig) -> torch.device:
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
-    """Channels-last on the CPU: oneDNN's convolutions run faster on it for these small-channel nets
-    (AAE at 32x32 on 2 cores: training about 1.15x, inference about 1.35x, medians of 3; see the README's
-    speed section). GPUs keep the default layout until it is measured there."""
+    """Channels-last on the CPU: oneDNN's convolutions run faster on it for these small-channel nets (the
+    default AAE at 32x32 on 2 cores: training 1.23x, scoring 1.25x, bench/results/speed.md). GPUs keep the
+    default layout until it is measured there."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 

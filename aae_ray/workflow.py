@@ -1,6 +1,6 @@
-"""The commands' work, as plain functions over a workspace: train a round, evaluate, score the pool.
+"""The commands' work, as plain functions over a workspace: train a round, evaluate, recalibrate, score the pool.
 
-The CLI only parses arguments and prints; Tune (later) calls the same functions."""
+The CLI only parses arguments and prints; Tune's trials and rounds call the same functions."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 from aae_ray import artifacts, scoring
 from aae_ray.config import AAEConfig
 from aae_ray.data.images import write_table_with
-from aae_ray.dataset import Arrays, labeled_arrays, pool_arrays, training_arrays
+from aae_ray.dataset import Arrays, calibration_arrays, labeled_arrays, pool_arrays, training_arrays
 from aae_ray.detector import Detector
 from aae_ray.diagnostics import prior_fit
 from aae_ray.train import EpochLog
-from aae_ray.workspace import Workspace
+from aae_ray.workspace import Workspace, now
 
 Echo = Callable[[str], None]
 # `score` is the model family's primary score (T2 for the AAE), which ranks the queue and sets `anomaly`;
@@ -43,18 +43,58 @@ def train_round(ws: Workspace, cfg: AAEConfig, *, round_no: int = 0, echo: Echo 
         losses = "  ".join(f"{k} {v:.4f}" for k, v in log.losses.items())
         echo(f"epoch {log.epoch:>3}/{cfg.epochs}  {losses}  {log.images_per_s:,.0f} img/s")
 
-    det = Detector(cfg).fit(data.X, data.y, on_epoch=on_epoch, progress=progress)
+    calibration = calibration_arrays(ws, cfg.input_size)
+    det = Detector(cfg).fit(data.X, data.y, known=data.known, X_calibration=calibration.X, on_epoch=on_epoch,
+                            progress=progress)
+    echo(det.limit_.describe())
     metrics = {"round": round_no, "trial": None, "data_fingerprint": fingerprint(data),
                **evaluate(ws, det), "n_train": det.n_train_, "n_defects_mixed": det.n_defects_mixed_,
-               "threshold": det.threshold_, "threshold_method": det.limit_.method,
-               "threshold_basis": det.limit_.method, "n_calibration": len(det.limit_.calibration),
-               "ucl_f": det.limit_.ucl_f, "primary_score": det.primary_,
+               **threshold_metrics(det),
                "train_images_per_s": float(np.median([h.images_per_s for h in det.history_])) if det.history_ else None,
                "final_losses": det.history_[-1].losses if det.history_ else {}}
     normals = data.X[data.y == 0]
     metrics["prior_fit"] = prior_fit(det.encode(normals[:5000]), seed=cfg.seed)
-    artifacts.save(det, ws.model_dir(round_no), metrics)
+    artifacts.save(det, ws.model_dir(round_no), metrics, trained_on=trained_ids(data.ids, det))
     return metrics
+
+
+def threshold_metrics(det: Detector) -> dict[str, Any]:
+    """What metrics.json says about the threshold: its value, where it came from, and on how many normals."""
+    lim = det.limit_
+    return {"threshold": det.threshold_, "threshold_method": lim.method, "threshold_basis": lim.method,
+            "n_calibration": lim.n_heldout, "threshold_note": lim.describe(), "ucl_f": lim.ucl_f,
+            "primary_score": det.primary_}
+
+
+def trained_ids(ids, det: Detector) -> list[str]:
+    """The ids of a fit's images minus the known normals it held out for its threshold."""
+    held = set(det.calibration_idx_.tolist())
+    return [id_ for i, id_ in enumerate(ids) if i not in held]
+
+
+def recalibrate(ws: Workspace, echo: Echo = print) -> dict[str, Any]:
+    """Re-set the promoted model's threshold on every normal known now that it never trained on (new labels,
+    new val images), weights untouched; re-promote it so that a running `aae-ray serve` picks the new limit
+    up. Returns {"round", "before", "after"} (threshold_metrics of each)."""
+    folder = ws.current_model_dir()
+    round_no = int(ws.current()["round"])
+    det = artifacts.load(folder)
+    trained = artifacts.read_trained_on(folder)
+    if trained is None:
+        table = ws.images()
+        trained = {i for i, sp in zip(table.column("id").to_pylist(), table.column("split").to_pylist(),
+                                      strict=True) if sp in ("train", "pool")}
+        echo(f"round {round_no}'s model does not record which images it trained on; every train and pool image "
+             "counts as trained on, so only val normals and later imports calibrate it")
+    cal = calibration_arrays(ws, det.config.input_size, trained_on=trained)
+    before = threshold_metrics(det)
+    det.calibrate(cal.X)
+    after = threshold_metrics(det)
+    if after["threshold"] != before["threshold"] or after["n_calibration"] != before["n_calibration"]:
+        artifacts.save_limit(det, folder, {**after, **evaluate(ws, det), "recalibrated_at": now()})
+        ws.promote(round_no, f"recalibrated on {after['n_calibration']} known normals: threshold "
+                             f"{before['threshold']:.4g} -> {after['threshold']:.4g} ({after['threshold_basis']})")
+    return {"round": round_no, "before": before, "after": after}
 
 
 def evaluate(ws: Workspace, det: Detector) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def test_folder_import_lists_a_corrupt_file_and_writes_the_report(tmp_path, caps
 def test_train_writes_the_round_zero_model(trained_ws):
     model = trained_ws / "rounds" / "r000" / "model"
     assert {p.name for p in model.iterdir()} == {"weights.safetensors", "config.json", "t2.json", "score.json",
-                                                 "local.safetensors", "metrics.json"}
+                                                 "local.safetensors", "metrics.json", "trained_on.parquet"}
     metrics = artifacts.read_metrics(model)
     assert metrics["round"] == 0
     assert {"val_auroc", "test_auroc", "trial", "data_fingerprint"} <= metrics.keys()

@@ -43,7 +43,7 @@ from aae_ray.tuning.round_report import write_report  # noqa: E402
 from aae_ray.tuning.spec import TuneSpec, parse_spec  # noqa: E402
 from aae_ray.tuning.trainable import train_trial  # noqa: E402
 from aae_ray.tuning.trial_data import TrialData, build_trial_data  # noqa: E402
-from aae_ray.workflow import evaluate, fingerprint_ids  # noqa: E402
+from aae_ray.workflow import evaluate, fingerprint_ids, threshold_metrics  # noqa: E402
 from aae_ray.workspace import Workspace, write_text  # noqa: E402
 
 Echo = Callable[[str], None]
@@ -253,15 +253,13 @@ def export_best(ws: Workspace, outcome: TuneOutcome, data: TrialData, spec: Tune
     trial_metrics = artifacts.read_metrics(best.checkpoint)
     metrics = {"round": outcome.round_no, "trial": best.trial_id, "data_fingerprint": fingerprint_ids(
         data.fingerprint_ids, data.y), **evaluate(ws, det), "objective": best.metric, "objective_metric": spec.metric,
-        "objective_source": outcome.objective_source, "threshold": det.threshold_,
-        "threshold_method": det.limit_.method, "threshold_basis": det.limit_.method,
-        "n_calibration": len(det.limit_.calibration), "ucl_f": det.limit_.ucl_f, "primary_score": det.primary_,
+        "objective_source": outcome.objective_source, **threshold_metrics(det),
         "n_train": trial_metrics.get("n_train"), "n_defects_mixed": trial_metrics.get("n_defects_mixed"),
         "train_images_per_s": trial_metrics.get("images_per_s"), "config": det.config.model_dump()}
     target = ws.model_dir(outcome.round_no)
     if target.exists():
         shutil.rmtree(target)
-    artifacts.save(det, target, metrics)
+    artifacts.save(det, target, metrics, trained_on=artifacts.read_trained_on(best.checkpoint))
     return metrics
 
 

@@ -24,6 +24,7 @@ from aae_ray.config import validate
 from aae_ray.detector import Detector
 from aae_ray.train import EpochLog, TrainingDiverged
 from aae_ray.tuning.trial_data import TrialData
+from aae_ray.workflow import trained_ids
 
 QUICK_FIT_IMAGES = 2000
 QUICK_NATIVE_IMAGES = 200
@@ -64,14 +65,15 @@ def train_trial(params: dict[str, Any], data: TrialData) -> None:
         tune.report({**_objective(det, obj_X, obj_y, data.objective_source), **_epoch_metrics(log)})
 
     try:
-        det.fit(X, y, on_epoch=on_epoch)
+        det.fit(X, y, known=data.known, X_calibration=data.calibration_X[cfg.input_size], on_epoch=on_epoch)
     except TrainingDiverged as exc:
         marker.write_text(str(exc))
         raise
     final = {**_objective(det, obj_X, obj_y, data.objective_source), **_epoch_metrics(det.history_[-1]),
              "threshold": det.threshold_, "n_train": det.n_train_, "n_defects_mixed": det.n_defects_mixed_}
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts.save(det, Path(tmp), {"trial": tune.get_context().get_trial_id(), **final})
+        artifacts.save(det, Path(tmp), {"trial": tune.get_context().get_trial_id(), **final},
+                       trained_on=trained_ids(data.fingerprint_ids, det))
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from aae_ray.data.corruptions import corrupt
 from aae_ray.data.images import encode_png, to_model_input
-from aae_ray.dataset import Arrays, labeled_arrays, training_arrays
+from aae_ray.dataset import Arrays, calibration_arrays, labeled_arrays, training_arrays
 from aae_ray.workspace import Workspace
 
 MIN_SYNTHETIC = 20  # normals needed to build the synthetic objective
@@ -26,6 +26,8 @@ HOLDOUT_SHARE = 0.1  # of the training normals, when val has too few normals of 
 class TrialData:
     X: dict[int, np.ndarray]  # input size -> training images (N, 1, S, S)
     y: np.ndarray  # (N,) 1 = confirmed defect
+    known: np.ndarray  # (N,) bool: normals known to be good (a share is held out for the threshold)
+    calibration_X: dict[int, np.ndarray]  # input size -> known normals outside training (val's) for the threshold
     objective_X: dict[int, np.ndarray]  # input size -> objective images
     objective_y: np.ndarray
     objective_source: str  # "val" (labeled) or "synthetic" (corrupted held-out normals)
@@ -43,10 +45,11 @@ def build_trial_data(ws: Workspace, sizes: list[int], seed: int = 0) -> TrialDat
     sizes = sorted(set(sizes))
     train = {s: training_arrays(ws, s) for s in sizes}
     val = {s: labeled_arrays(ws, "val", s) for s in sizes}
+    calibration = {s: calibration_arrays(ws, s).X for s in sizes}
     ref_train, ref_val = train[sizes[0]], val[sizes[0]]
     if len(ref_val) and ref_val.y.min() == 0 and ref_val.y.max() == 1:
-        return TrialData({s: a.X for s, a in train.items()}, ref_train.y, {s: a.X for s, a in val.items()},
-                         ref_val.y, "val", tuple(ref_train.ids))
+        return TrialData({s: a.X for s, a in train.items()}, ref_train.y, ref_train.known, calibration,
+                         {s: a.X for s, a in val.items()}, ref_val.y, "val", tuple(ref_train.ids))
 
     rng = np.random.default_rng(seed)
     val_normals = np.flatnonzero(ref_val.y == 0) if len(ref_val) else np.empty(0, dtype=np.int64)
@@ -67,9 +70,10 @@ def build_trial_data(ws: Workspace, sizes: list[int], seed: int = 0) -> TrialDat
     as_png = [encode_png(np.round(img[0] * 255).astype(np.uint8)) for img in broken]
     objective_X = {s: np.concatenate([source[s].X[rows], to_model_input(as_png, s)]) for s in sizes}
     objective_y = np.concatenate([np.zeros(len(rows), np.int8), np.ones(len(rows), np.int8)])
-    return TrialData({s: a.X[keep] for s, a in train.items()}, ref_train.y[keep], objective_X, objective_y,
-                     "synthetic", tuple(np.asarray(ref_train.ids)[keep].tolist()))
+    return TrialData({s: a.X[keep] for s, a in train.items()}, ref_train.y[keep], ref_train.known[keep],
+                     calibration, objective_X, objective_y, "synthetic",
+                     tuple(np.asarray(ref_train.ids)[keep].tolist()))
 
 
 def training_view(data: TrialData, size: int) -> Arrays:
-    return Arrays(list(data.fingerprint_ids), data.X[size], data.y)
+    return Arrays(list(data.fingerprint_ids), data.X[size], data.y, data.known)
