@@ -146,7 +146,7 @@ def test_four_processes_appending_at_once_lose_nothing(tmp_path):
     events = read_events(folder)
     assert len(events) == 200
     assert sorted(events.column("id").to_pylist()) == sorted(f"{n}-{i}" for n in names for i in range(50))
-    assert len(list(folder.glob("*.parquet"))) == 200 and not list(folder.glob(".*"))
+    assert not list(folder.glob(".*.tmp"))  # (200 appends compacted the store on the way: fewer files than events)
     assert len({r["ts"] for r in events.to_pylist() if r["labeler"] == "p0"}) == 50
 
 
@@ -349,3 +349,80 @@ def test_a_file_where_the_folder_should_be_is_an_error(tmp_path):
     (tmp_path / "labels").write_text("")
     with pytest.raises(ValueError, match="not a folder"):
         read_events(tmp_path / "labels")
+
+
+# --- compaction: few files, the same events ----------------------------------------------------------------------
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.glob("*.parquet"))
+
+
+def test_compaction_keeps_every_event_and_the_log_order(tmp_path):
+    t0, t1 = datetime(2030, 1, 1, tzinfo=UTC), datetime(2030, 1, 2, tzinfo=UTC)
+    labels._write_fragment(tmp_path, "a-late.parquet", raw_table([row("x", "normal", t1)]))
+    labels._write_fragment(tmp_path, "c-tie.parquet", raw_table([row("y", "skip", t0)]))
+    labels._write_fragment(tmp_path, "b-tie.parquet", raw_table([row("y", "defect", t0), row("y", "normal", t0)]))
+    labels._write_fragment(tmp_path, "d-early.parquet", raw_table([row("x", "defect", t0)]))
+    for i in range(5):
+        labels.append(tmp_path, [event(f"z{i}", "defect")])
+    before = read_events(tmp_path).to_pylist()
+    assert labels.compact(tmp_path) == len(before) == 10
+    assert len(_files(tmp_path)) == 1 and _files(tmp_path)[0].startswith(labels.SEGMENT_PREFIX)
+    assert read_events(tmp_path).to_pylist() == before
+    labels._write_fragment(tmp_path, "b0-tie-after.parquet", raw_table([row("y", "defect", t0)]))
+    order = [(r["id"], r["label"]) for r in read_events(tmp_path).to_pylist()][:4]
+    assert order == [("y", "defect"), ("y", "normal"), ("y", "defect"), ("y", "skip")]  # name order across files
+
+
+def test_appends_compact_the_store_once_fragments_pile_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(labels, "COMPACT_AT", 5)
+    for i in range(23):
+        labels.append(tmp_path, [event(f"a{i}", "defect" if i % 2 else "normal")])
+    assert len(_files(tmp_path)) < 6
+    assert current_labels(tmp_path) == {f"a{i}": "defect" if i % 2 else "normal" for i in range(23)}
+    assert len(read_events(tmp_path)) == 23
+
+
+def test_a_compactor_killed_before_its_deletions_loses_and_duplicates_nothing(tmp_path):
+    folder, ready = tmp_path / "labels", tmp_path / "ready"
+    for i in range(6):
+        labels.append(folder, [event(f"a{i}", "defect")])
+    child = run_child(
+        "import time\nfrom pathlib import Path\nfrom aae_ray import labels\n"
+        f"folder, ready = Path({str(folder)!r}), Path({str(ready)!r})\n"
+        "def hang(segment):\n    ready.write_text(str(segment))\n    time.sleep(60)\n"
+        "labels.compact(folder, before_delete=hang)\n"
+    )
+    try:
+        wait_for(ready)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert len(_files(folder)) == 7  # the segment and the six fragments it covers
+    assert sorted(read_events(folder).column("id").to_pylist()) == [f"a{i}" for i in range(6)]
+    labels.append(folder, [event("a0", "normal")])  # writers carry on
+    labels.compact(folder)  # and the next compaction finishes the deletions
+    assert len(_files(folder)) == 1
+    assert current_labels(folder) == {"a0": "normal", **{f"a{i}": "defect" for i in range(1, 6)}}
+
+
+def test_stale_temp_files_of_killed_writers_are_swept_fresh_ones_kept(tmp_path):
+    labels.append(tmp_path, [event("a", "defect")])
+    labels.append(tmp_path, [event("b", "defect")])
+    stale, fresh = tmp_path / ".old.parquet.1.ab.tmp", tmp_path / ".new.parquet.2.cd.tmp"
+    for p in (stale, fresh):
+        p.write_bytes(b"PAR1 half")
+    old = time.time() - labels.STALE_TMP_S - 60
+    os.utime(stale, (old, old))
+    labels.compact(tmp_path)
+    assert not stale.exists() and fresh.exists()
+
+
+def test_a_segment_without_its_cover_list_is_a_clear_error(tmp_path):
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    labels._write_fragment(tmp_path, f"{labels.SEGMENT_PREFIX}bad.parquet", raw_table([row("x", "normal", t0)]))
+    with pytest.raises(ValueError, match="lacks its list of covered files"):
+        read_events(tmp_path)
