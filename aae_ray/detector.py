@@ -71,7 +71,8 @@ class Detector:
 
     def fit(
         self, X: np.ndarray, y: np.ndarray | None = None, *, known: np.ndarray | None = None,
-        X_calibration: np.ndarray | None = None, on_epoch: EpochCallback | None = None, progress: bool = False,
+        X_calibration: np.ndarray | None = None, init: Detector | None = None, on_epoch: EpochCallback | None = None,
+        progress: bool = False,
     ) -> Detector:
         """Train on normals (y != 1) plus confirmed defects (y == 1) at the config's anomaly ratio.
 
@@ -81,7 +82,9 @@ class Detector:
         with `X_calibration` (normals known to be good that are not in X, e.g. the val split's) they set the
         limit and p-values of the primary score (conformal: no Gaussian assumption need hold). Too few of them
         for the rank at alpha, and the limit falls back (ScoreLimit, `threshold_basis`), with a warning.
-        T2's means and covariances are fitted on the training normals' codes."""
+        T2's means and covariances are fitted on the training normals' codes. `init`: a fitted detector of the
+        same architecture whose weights training starts from (a warm start: `aae-ray round`'s fine-tuned
+        candidate)."""
         cfg = self.config
         X = _check_images(X, cfg.input_size)
         y = np.zeros(len(X), dtype=np.int8) if y is None else np.asarray(y)
@@ -94,6 +97,11 @@ class Detector:
         defect_idx = np.flatnonzero(y == 1)
         torch.manual_seed(cfg.seed)  # the initial weights, too, come from the config's seed
         self.model_ = build_model(cfg)
+        if init is not None:
+            try:
+                self.model_.load_state_dict(init.model_.state_dict())
+            except RuntimeError as exc:
+                raise ValueError(f"cannot warm-start from a model of another architecture: {str(exc)[:200]}") from None
         self.primary_ = _primary(cfg, self.model_)
         if len(train_idx) <= self.model_.code_dim + 1:
             raise ValueError(f"need more than latent_dim + 1 = {self.model_.code_dim + 1} normal training images, "

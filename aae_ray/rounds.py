@@ -1,23 +1,31 @@
-"""An active-learning round: labels -> tune -> compare with the current model -> promote if better -> new queue.
+"""An active-learning round: labels -> tune (+ warm start) -> paired comparison -> promote on a clear gain -> queue.
 
     outcome = run_round(ws, spec)      # what `aae-ray round WS` does
 
 Training data come from the labels through `aae_ray.dataset` (confirmed defects are mixed in at each trial's
 anomaly ratio, confirmed normals stay in). The search starts from the current model's config, enqueued as the
-first trial. The new model replaces the current one only if it scores a higher AUROC on the same judging set:
-the labeled `val` split, or, while `val` holds no defects, the synthetic objective the round was tuned on.
+first trial. Beside the search, the promoted model is fine-tuned on the new labels for a few epochs (the warm
+start); the better of the two on the judging set (the labeled `val` split, or, while `val` holds no defects, the
+synthetic objective the round was tuned on) replaces the current model only on a clear paired gain: the
+bootstrap interval of its AUROC difference to the current model's, on the same images, lies above zero.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from aae_ray import artifacts, scoring
-from aae_ray.workflow import recalibrate, score_pool
-from aae_ray.workspace import Workspace
+from aae_ray.workflow import recalibrate, score_pool, train_round
+from aae_ray.workspace import Workspace, write_text
 
 Echo = Callable[[str], None]
 
@@ -32,34 +40,66 @@ class RoundOutcome:
     reason: str
     queue: Path | None
     metrics: dict[str, Any]
+    candidate: str = "search"  # which candidate became the round's model: "search" or "warm"
+    seconds: dict[str, float] = field(default_factory=dict)  # search, warm start, judging, total
 
 
 def run_round(ws: Workspace, spec, *, address: str | None = None, policy: str = "highest",
               echo: Echo = print) -> RoundOutcome:
+    """Search (started from the current config) and, where a model is promoted, a warm-started candidate (it,
+    fine-tuned on today's labels); the better of the two on the judging set becomes the round's model, and
+    replaces the current one only on a clear paired gain. Then the promoted model is recalibrated and the pool
+    scored into the round's queue. The decision and every step's wall time go to `rounds/rNNN/round.json`."""
     from aae_ray.tuning.runner import next_round, run_tune
 
+    t0 = time.perf_counter()
     current = ws.current()
     round_no = next_round(ws)
-    start_from = []
-    if current is not None:
-        start_from = [artifacts.load(ws.current_model_dir()).config.model_dump()]
-        echo(f"round {round_no}: the search starts from round {current['round']}'s config")
-    outcome = run_tune(ws, spec, round_no=round_no, address=address, initial_points=start_from, echo=echo)
-    if outcome.interrupted or outcome.best is None:
-        raise RuntimeError(f"round {round_no}'s search finished no trial; nothing to compare or promote "
-                           f"(see {outcome.experiment})")
     new_dir = ws.model_dir(round_no)
-    if current is None or current["round"] == round_no:  # run_tune promoted it: nothing was current
-        (new_auc,), judged = judge(ws, [new_dir], spec.searcher.seed)
-        promoted, old_auc, reason = True, None, "no model was promoted before"
+    search = spec.round.search or current is None
+    metrics: dict[str, Any] = {}
+    if search:
+        start_from = []
+        if current is not None:
+            start_from = [artifacts.load(ws.current_model_dir()).config.model_dump()]
+            echo(f"round {round_no}: the search starts from round {current['round']}'s config")
+        outcome = run_tune(ws, spec, round_no=round_no, address=address, initial_points=start_from, echo=echo)
+        if outcome.interrupted or outcome.best is None:
+            raise RuntimeError(f"round {round_no}'s search finished no trial; nothing to compare or promote "
+                               f"(see {outcome.experiment})")
+        metrics = outcome.metrics
+    seconds = {"search": time.perf_counter() - t0}
+    first = current is None or current["round"] == round_no  # run_tune promoted it: nothing was current
+    warm_dir = None if first else _warm_candidate(ws, round_no, spec.round.warm_start_epochs, echo)
+    if not search:  # the warm-started candidate is the round's only one
+        os.replace(warm_dir, new_dir)
+        warm_dir, metrics = None, artifacts.read_metrics(new_dir)
+    seconds["warm_start"] = time.perf_counter() - t0 - seconds["search"]
+    t_judge = time.perf_counter()
+    candidate = "search" if search else "warm"
+    if first:
+        judging = judge(ws, [new_dir], spec.searcher.seed)
+        new_auc, old_auc, promoted, reason = judging.aurocs[0], None, True, "no model was promoted before"
     else:
-        (new_auc, old_auc), judged = judge(ws, [new_dir, ws.current_model_dir()], spec.searcher.seed)
-        promoted = new_auc > old_auc
-        verdict = "higher" if promoted else "not higher"
-        reason = (f"AUROC on the {judged} judging set {new_auc:.4f} (round {round_no}) is {verdict} than "
-                  f"{old_auc:.4f} (round {current['round']})")
+        dirs = [new_dir, *([warm_dir] if warm_dir else []), ws.current_model_dir()]
+        judging = judge(ws, dirs, spec.searcher.seed)
+        *cands, old_scores = judging.scores
+        best = int(np.argmax([scoring.auroc(judging.y, c) for c in cands]))
+        if warm_dir is not None and best == 1:  # the warm start won: the round's model; the search's stays beside
+            candidate = "warm"
+            shutil.rmtree(ws.round_dir(round_no) / SEARCH_MODEL, ignore_errors=True)
+            os.replace(new_dir, ws.round_dir(round_no) / SEARCH_MODEL)
+            os.replace(warm_dir, new_dir)
+            metrics = artifacts.read_metrics(new_dir)
+        promoted, reason, cmp = decide(judging.y, cands[best], old_scores, spec.round.confidence,
+                                       spec.searcher.seed)
+        new_auc, old_auc = cmp.new_auroc, cmp.old_auroc
+        reason = (f"on the {judging.source} judging set, round {round_no}'s {candidate} candidate vs round "
+                  f"{current['round']}: {reason}")
         if promoted:
             ws.promote(round_no, f"aae-ray round: {reason}")
+    seconds["judge"] = time.perf_counter() - t_judge
+    echo(f"round {round_no}: {reason}")
     # Labels that arrived since the promoted model was calibrated (this round's, or the kept model's since its
     # own round) re-set its threshold; a no-op when nothing new is known.
     recalibrated = recalibrate(ws, echo=echo)
@@ -67,19 +107,62 @@ def run_round(ws: Workspace, spec, *, address: str | None = None, policy: str = 
         echo(f"recalibrated round {recalibrated['round']}'s threshold: {recalibrated['before']['threshold']:.4g} -> "
              f"{recalibrated['after']['threshold']:.4g}; {recalibrated['after']['threshold_note']}")
     queue, _ = score_pool(ws, round_no=round_no, policy=policy)
-    return RoundOutcome(round_no, new_auc, old_auc, judged, promoted, reason, queue, outcome.metrics)
+    seconds["total"] = time.perf_counter() - t0
+    write_text(ws.round_dir(round_no) / "round.json", json.dumps(
+        {"round": round_no, "candidate": candidate, "promoted": promoted, "reason": reason, "new_auroc": new_auc,
+         "old_auroc": old_auc, "judged_on": judging.source, "seconds": seconds}, indent=2) + "\n")
+    echo(f"round {round_no} took {seconds['total']:.0f} s (search {seconds['search']:.0f} s, warm start "
+         f"{seconds['warm_start']:.0f} s)")
+    return RoundOutcome(round_no, new_auc, old_auc, judging.source, promoted, reason, queue, metrics, candidate,
+                        seconds)
 
 
-def judge(ws: Workspace, model_dirs: list[Path], seed: int) -> tuple[list[float], str]:
-    """AUROC of each model on the round's judging set: the same images for every model compared (decoded and,
+def decide(y: np.ndarray, new: np.ndarray, old: np.ndarray, confidence: float = 0.95,
+           seed: int = 0) -> tuple[bool, str, scoring.PairedComparison]:
+    """The promotion rule: (promote?, why, the comparison). Promote only when the whole bootstrap interval of
+    the paired AUROC difference lies above zero; a gain inside the noise of the judging set keeps the model."""
+    cmp = scoring.compare_paired(y, new, old, confidence=confidence, seed=seed)
+    verdict = "a clear gain: promoted" if cmp.clear_gain else "no clear gain: the current model stays"
+    return cmp.clear_gain, f"{cmp.describe()}, {verdict}", cmp
+
+
+SEARCH_MODEL = "search_model"  # where the search's best stays when the warm-started candidate wins
+WARM_MODEL = "warm_model"
+
+
+def _warm_candidate(ws: Workspace, round_no: int, epochs: int, echo: Echo) -> Path | None:
+    """The promoted model fine-tuned for `epochs` on today's training data (its labels included), saved beside
+    the round's model; None when warm starts are off."""
+    if epochs == 0:
+        return None
+    current = artifacts.load(ws.current_model_dir())
+    cfg = current.config.model_copy(update={"epochs": epochs})
+    folder = ws.round_dir(round_no) / WARM_MODEL
+    echo(f"round {round_no}: warm start: round {ws.current()['round']}'s model fine-tuned for {epochs} epochs")
+    train_round(ws, cfg, round_no=round_no, echo=lambda _: None, init=current, folder=folder)
+    return folder
+
+
+@dataclass(frozen=True)
+class Judging:
+    y: np.ndarray  # 1 = defect
+    scores: list[np.ndarray]  # each model's primary score on the same images
+    source: str  # "val" or "synthetic"
+
+    @property
+    def aurocs(self) -> list[float]:
+        return [scoring.auroc(self.y, s) for s in self.scores]
+
+
+def judge(ws: Workspace, model_dirs: list[Path], seed: int) -> Judging:
+    """Each model's scores on the round's judging set: the same images for every model compared (decoded and,
     for the synthetic objective, corrupted once, then resized to each model's input size)."""
     from aae_ray.tuning.trial_data import build_trial_data
 
     detectors = [artifacts.load(d) for d in model_dirs]
     data = build_trial_data(ws, [d.config.input_size for d in detectors], seed=seed)
-    aucs = [scoring.auroc(data.objective_y, d.score_samples(data.objective_X[d.config.input_size]))
-            for d in detectors]
-    return aucs, data.objective_source
+    scores = [d.score_samples(data.objective_X[d.config.input_size]) for d in detectors]
+    return Judging(data.objective_y, scores, data.objective_source)
 
 
 @dataclass

@@ -335,3 +335,45 @@ def summary(y: np.ndarray, score: np.ndarray, threshold: float, k: int = 10) -> 
     tpr, fpr = rates_at(y, score, threshold)
     return {"auroc": auroc(y, score), "auprc": auprc(y, score), f"precision@{k}": precision_at_k(y, score, k),
             "tpr": tpr, "fpr": fpr}
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two models' AUROC on the same images, and a bootstrap confidence interval of their difference."""
+
+    new_auroc: float
+    old_auroc: float
+    diff: float  # new - old
+    low: float
+    high: float
+    confidence: float
+
+    @property
+    def clear_gain(self) -> bool:
+        """The whole interval lies above zero: the new model is better beyond what resampling explains."""
+        return self.low > 0
+
+    def describe(self) -> str:
+        return (f"AUROC {self.new_auroc:.4f} vs {self.old_auroc:.4f}: difference {self.diff:+.4f}, "
+                f"{self.confidence:.0%} interval [{self.low:+.4f}, {self.high:+.4f}]")
+
+
+def compare_paired(y: np.ndarray, new: np.ndarray, old: np.ndarray, *, confidence: float = 0.95,
+                   n_resamples: int = 2000, seed: int = 0) -> PairedComparison:
+    """AUROC(new) - AUROC(old) on the same images with a paired bootstrap interval (scipy.stats.bootstrap:
+    the images are resampled together, so what both models find hard cancels out). Both classes must be there."""
+    y, new = _check(y, new)
+    _, old = _check(y, old)
+    if y.min() == y.max():
+        raise ValueError("a paired AUROC comparison needs both defects and normals")
+
+    def diff(yy: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+        if yy.min() == yy.max():  # a resample without one class has no AUROC; it counts as no difference
+            return 0.0
+        return auroc(yy, a) - auroc(yy, b)
+
+    res = stats.bootstrap((y, new, old), diff, paired=True, vectorized=False, n_resamples=n_resamples,
+                          confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    new_auc, old_auc = auroc(y, new), auroc(y, old)
+    return PairedComparison(new_auc, old_auc, new_auc - old_auc, float(res.confidence_interval.low),
+                            float(res.confidence_interval.high), confidence)

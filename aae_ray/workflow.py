@@ -31,9 +31,10 @@ SCORES_SCHEMA = pa.schema(
 )
 
 
-def train_round(ws: Workspace, cfg: AAEConfig, *, round_no: int = 0, echo: Echo = print,
-                progress: bool = False) -> dict[str, Any]:
-    """Train one model on the workspace's training data, evaluate it, save it as round `round_no`."""
+def train_round(ws: Workspace, cfg: AAEConfig, *, round_no: int = 0, echo: Echo = print, progress: bool = False,
+                init: Detector | None = None, folder: Path | None = None) -> dict[str, Any]:
+    """Train one model on the workspace's training data, evaluate it, save it as round `round_no` (in `folder`,
+    by default the round's model folder). `init`: start from this detector's weights (a warm start)."""
     data = training_arrays(ws, cfg.input_size)
     n_def = int(data.y.sum())
     echo(f"training {cfg.family} on {len(data) - n_def} presumed-normal images and {n_def} confirmed defects "
@@ -44,8 +45,8 @@ def train_round(ws: Workspace, cfg: AAEConfig, *, round_no: int = 0, echo: Echo 
         echo(f"epoch {log.epoch:>3}/{cfg.epochs}  {losses}  {log.images_per_s:,.0f} img/s")
 
     calibration = calibration_arrays(ws, cfg.input_size)
-    det = Detector(cfg).fit(data.X, data.y, known=data.known, X_calibration=calibration.X, on_epoch=on_epoch,
-                            progress=progress)
+    det = Detector(cfg).fit(data.X, data.y, known=data.known, X_calibration=calibration.X, init=init,
+                            on_epoch=on_epoch, progress=progress)
     echo(det.limit_.describe())
     metrics = {"round": round_no, "trial": None, "data_fingerprint": fingerprint(data),
                **evaluate(ws, det), "n_train": det.n_train_, "n_defects_mixed": det.n_defects_mixed_,
@@ -54,7 +55,7 @@ def train_round(ws: Workspace, cfg: AAEConfig, *, round_no: int = 0, echo: Echo 
                "final_losses": det.history_[-1].losses if det.history_ else {}}
     normals = data.X[data.y == 0]
     metrics["prior_fit"] = prior_fit(det.encode(normals[:5000]), seed=cfg.seed)
-    artifacts.save(det, ws.model_dir(round_no), metrics, trained_on=trained_ids(data.ids, det))
+    artifacts.save(det, folder or ws.model_dir(round_no), metrics, trained_on=trained_ids(data.ids, det))
     return metrics
 
 

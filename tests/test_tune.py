@@ -268,7 +268,8 @@ def test_the_demo_tunes_scores_and_summarises(ray_local, tmp_path, capsys):
     assert run_cli("demo", tmp_path / "demo", "--config", spec) == 0
     out = capsys.readouterr().out
     assert "== 2/4 tune round 0" in out and "tuned round 0" in out and "promoted" in out
-    assert "the labeler confirmed" in out and "round 1:" in out
+    assert "the labeler confirmed" in out and "round 1:" in out and "warm start" in out
+    assert json.loads((tmp_path / "demo" / "rounds" / "r001" / "round.json").read_text())["candidate"] == "warm"
     assert "over HTTP (" in out and "the endpoint is stopped" in out  # it ends by serving and scoring over HTTP
     assert "round 0's best trial had test AUROC 0." in out
     summary = out.strip().splitlines()[-1]  # the demo's one-line summary: AUROC, TPR at the threshold, what next

@@ -107,6 +107,22 @@ class Report(_Strict):
     anomaly_ratio_sweep: bool = True
 
 
+class Round(_Strict):
+    # `aae-ray round`: beside the search, the promoted model fine-tuned on the new labels for this many epochs
+    # (0: no warm-started candidate); and the confidence of the paired bootstrap interval of the AUROC
+    # difference on the judging set that promotion asks to lie above zero.
+    warm_start_epochs: int = Field(3, ge=0, le=1000)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    # false: the warm-started candidate alone, no search (a quick round; the first round always searches)
+    search: bool = True
+
+    @model_validator(mode="after")
+    def _has_a_candidate(self) -> Round:
+        if not self.search and self.warm_start_epochs == 0:
+            raise ValueError("round.search: false needs round.warm_start_epochs >= 1: there would be no candidate")
+        return self
+
+
 class TuneSpec(_Strict):
     metric: Literal["val_auroc", "val_auprc"] = "val_auroc"
     mode: Literal["max", "min"] = "max"
@@ -117,6 +133,7 @@ class TuneSpec(_Strict):
     scheduler: Scheduler = Scheduler()
     searcher: Searcher = Searcher()
     report: Report = Report()
+    round: Round = Round()
     space: dict[str, Dimension] = Field(default_factory=dict)
     fixed: dict[str, Any] = Field(default_factory=dict)
 
