@@ -119,7 +119,8 @@ def record(path: Path, rows: list[dict], meta: dict) -> list[dict]:
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = json.loads(path.read_text()).get("cells", []) if path.exists() else []
-        cells = old + rows
+        # A cell run twice (two runs at once) counts once: the later result replaces the earlier.
+        cells = list({(*cell_key(c), c["score"]): c for c in old + rows}.values())
         doc = {**meta, "cells": cells, "rows": aggregate(cells)}
         for suffix, text in ((".json", json.dumps(doc, indent=2, allow_nan=True) + "\n"), (".md", markdown(doc))):
             tmp = path.with_suffix(suffix + ".tmp")
