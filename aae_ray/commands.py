@@ -180,6 +180,7 @@ def label(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"the labeling page is missing: {app}")
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
            "--server.address", args.host, "--server.port", str(args.port), "--browser.gatherUsageStats", "false",
+           "--client.toolbarMode", "minimal",  # a labeler has no use for Deploy, Rerun or Clear cache
            "--server.fileWatcherType", "none", "--", "--workspace", str(ws.root.resolve())]
     print(f"labeling page for {ws.root}: http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     return subprocess.call(cmd)

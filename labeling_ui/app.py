@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import streamlit as st
+import streamlit.components.v1 as components
 
 from aae_ray import artifacts, labels
 from aae_ray.data.images import decode_image, to_model_input
@@ -28,6 +29,7 @@ ENV_VAR = "AAE_RAY_WORKSPACE"
 GRID_SIZE = 12
 CARD_PX = 224  # card images are upscaled (nearest neighbour) to at least this many pixels a side
 THUMB_PX = 96
+MODEL_VIEW_PX = 128  # the model's input, its reconstruction and the heat map beside the full image
 HISTORY_ROWS = 50
 
 
@@ -71,6 +73,14 @@ def score_caption(label: str, item: dict) -> str:
     return f"{label} {item.get('score', item['t2']):.3g}"
 
 
+def why_queued(label: str, item: dict, threshold: float) -> str:
+    """One line on why the image is here: its score against the threshold, and what its p-value means."""
+    score, p = item.get("score", item["t2"]), item["p_value"]
+    side = "above" if score > threshold else "below"
+    return (f"Queued at rank {item['rank']}: its {label} {score:.4g} is **{side}** the threshold {threshold:.4g}; "
+            f"p = {p:.3g}, i.e. about {p:.1%} of images known to be normal score this high.")
+
+
 def to_uint8(x: np.ndarray) -> np.ndarray:
     return (np.clip(x, 0.0, 1.0) * 255).round().astype(np.uint8)
 
@@ -89,7 +99,8 @@ def load_detector(model_dir: str, stamp: float):  # stamp: re-load when the arti
 
 def current_detector(ws: Workspace):
     model_dir = ws.current_model_dir()
-    return load_detector(str(model_dir), _stamp(model_dir / "config.json"))
+    # score.json too: `aae-ray recalibrate` rewrites only the limit
+    return load_detector(str(model_dir), max(_stamp(model_dir / "config.json"), _stamp(model_dir / "score.json")))
 
 
 @st.cache_resource(show_spinner="Reading the images ...")
@@ -138,12 +149,19 @@ def save_grid(labels_dir: str, page: list[dict], labeler: str, round_no: int, mo
 
 
 def remember_labeler() -> None:
-    """Keep the name in the page's address (?labeler=...), so a reload or a bookmark brings it back."""
+    """Keep the name in the page's address (?labeler=...), so a reload or a bookmark brings it back; and take
+    the keyboard focus off the name box, so that the next key is a shortcut (d, n, s, u), not more name."""
     name = st.session_state.get("labeler", "").strip()
     if name:
         st.query_params["labeler"] = name
+        st.session_state["blur"] = True
     else:
         st.query_params.pop("labeler", None)
+
+
+# Streamlit has no call to move the focus; a zero-height component (same origin as the page) can. Its
+# script runs once per mount, so the key below changes with each name entered.
+BLUR_SCRIPT = "<script>window.parent.document.activeElement && window.parent.document.activeElement.blur()</script>"
 
 
 # --- the page ---------------------------------------------------------------------------------------------------
@@ -165,6 +183,8 @@ def main() -> None:
 
     sb = st.sidebar
     labeler = labeler_name(sb)
+    if st.session_state.pop("blur", False):
+        components.html(BLUR_SCRIPT, height=0)
     mode = sb.radio("Mode", ["Card", "Grid"], key="mode", horizontal=True)
     if current is None:
         sb.markdown("**Model:** none promoted")
@@ -202,8 +222,9 @@ def main() -> None:
     if not labeler:
         st.warning("Enter your name in the sidebar to start labeling.")
     flash = st.session_state.pop("flash", None)
-    if flash:
+    if flash:  # what was just recorded: at the top of the page, and as a toast that fades
         st.success(flash)
+        st.toast(flash)
 
     model = current["model"]
     labels_dir = str(ws.labels_dir)
@@ -230,19 +251,26 @@ def labeler_name(sb) -> str:
 def card(ws: Workspace, item: dict, n_queue: int, labeler: str, round_no: int, model: str, labels_dir: str) -> None:
     det = current_detector(ws)
     data = load_image_bytes(str(ws.images_path), _stamp(ws.images_path))[item["id"]]
+    original = decode_image(data)
     x = to_model_input([data], det.config.input_size)
     s = det.score(x)  # one pass: the reconstruction and the anomaly map (local T² where the model has one)
     recon, amap = s.x_hat[0, 0], s.maps[0]
     st.subheader(f"Rank {item['rank']} of {n_queue} · `{item['id']}`")
-    cols = st.columns(3)
-    cols[0].image(upscale(to_uint8(x[0, 0]), CARD_PX), caption="image")
-    cols[1].image(upscale(to_uint8(recon), CARD_PX), caption="reconstruction")
-    cols[2].image(upscale(heat_overlay(x[0, 0], amap), CARD_PX), caption=f"anomaly map (red: {det.map_label})")
-    m = st.columns(4)
+    h, w = original.shape[:2]
+    side = det.config.input_size
+    big, rest = st.columns([2, 3])
+    # The image as it was imported, at its own resolution (small ones enlarged): a small defect is judged here.
+    big.image(upscale(original, CARD_PX), caption=f"image ({w}×{h} px)")
+    cols = rest.columns(3)
+    cols[0].image(upscale(to_uint8(x[0, 0]), MODEL_VIEW_PX), caption=f"what the model sees ({side}×{side})")
+    cols[1].image(upscale(to_uint8(recon), MODEL_VIEW_PX), caption="its reconstruction")
+    cols[2].image(upscale(heat_overlay(x[0, 0], amap), MODEL_VIEW_PX), caption=f"anomaly map (red: {det.map_label})")
+    rest.markdown(why_queued(det.score_label, item, det.threshold_))
+    m = rest.columns(4)
     m[0].metric(*score_metric(det.score_label, item))
-    m[1].metric("p-value", f"{item['p_value']:.3g}")
-    m[2].metric("Rank", item["rank"])
-    m[3].metric("Above threshold", "yes" if item["anomaly"] else "no")
+    m[1].metric("Threshold", f"{det.threshold_:.4g}")
+    m[2].metric("p-value", f"{item['p_value']:.3g}")
+    m[3].metric("Rank", item["rank"])
     off = not labeler
     b = st.columns(4)
     for col, label, key in ((b[0], "defect", "d"), (b[1], "normal", "n"), (b[2], "skip", "s")):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import label_server
+from conftest import TINY_SET, label_server, run_cli
 
 from aae_ray import labels
 
@@ -61,8 +61,7 @@ def open_page(ctx, url: str, name: str):
     box.press("Enter")
     # The card is drawn before the name reaches the server; its buttons are enabled once it has.
     sync_api.expect(page.get_by_role("button", name=re.compile(r"^Defect"))).to_be_enabled(timeout=TIMEOUT_MS)
-    page.locator("h1").click()  # focus off the text box: a shortcut typed into it would be text, not a click
-    settle(page)
+    settle(page)  # the page takes the focus off the name box itself (test_the_first_key_after_the_name_labels)
     return page
 
 
@@ -166,3 +165,48 @@ def test_two_labelers_at_once_lose_nothing_and_see_each_others_answers_drop_out(
     assert len(on_disk) == sum(len(k) for k in keys.values())
     for name, pairs in confirmed.items():
         assert [(id_, label) for id_, label, who in on_disk if who == name] == pairs
+
+
+def test_the_first_key_after_the_name_labels(lab_ws, tmp_path, playwright):
+    """Typing the name and Enter leaves the focus in the name box; the page takes it off, so the labeler's
+    first key press is a label, not a letter added to their name."""
+    first = queue_ids(lab_ws)[0]
+    with label_server(lab_ws, tmp_path / "label.log") as url:
+        ctx = browser(playwright)
+        try:
+            page = ctx.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            box = page.get_by_label("Your name")
+            box.fill("ann")
+            box.press("Enter")
+            sync_api.expect(page.get_by_role("button", name=re.compile(r"^Defect"))).to_be_enabled(
+                timeout=TIMEOUT_MS)
+            settle(page)
+            press_and_wait(page, "d", f"{first} → defect")  # no click anywhere first
+            sync_api.expect(page.get_by_label("Your name")).to_have_value("ann")
+        finally:
+            ctx.close()
+    assert events_on_disk(lab_ws) == [(first, "defect", "ann")]
+
+
+def test_the_card_shows_the_image_at_its_own_resolution_and_no_developer_toolbar(tmp_path, playwright):
+    """A 128-px import, a 32-px model: the card's first image is the 128-px original (not the model's 32 px
+    enlarged), the model's view is beside it, and Streamlit's Deploy button and menu are not on the page."""
+    ws = tmp_path / "ws"
+    assert run_cli("init", ws, "--source", "synthetic", "--n-normal", "60", "--n-defect", "12", "--size", "128") == 0
+    assert run_cli("train", ws, "--epochs", "1", *TINY_SET, "--no-progress") == 0
+    assert run_cli("score", ws) == 0
+    with label_server(ws, tmp_path / "label.log") as url:
+        ctx = browser(playwright)
+        try:
+            page = open_page(ctx, url, "ann")
+            sync_api.expect(page.get_by_text("image (128×128 px)")).to_be_visible()
+            sync_api.expect(page.get_by_text("what the model sees (32×32)")).to_be_visible()
+            widths = page.locator("[data-testid='stImage'] img").evaluate_all("els => els.map(e => e.naturalWidth)")
+            assert widths[0] >= 128 and widths[0] % 128 == 0  # the original, enlarged by a whole factor
+            assert page.get_by_text(re.compile(r"^Queued at rank 1: its combined T²")).count() == 1
+            assert page.get_by_role("button", name="Deploy").count() == 0
+            assert page.locator("[data-testid='stMainMenu']").count() == 0
+        finally:
+            ctx.close()

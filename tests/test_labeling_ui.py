@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import TINY_SET, run_cli
 
-from aae_ray import labels
+from aae_ray import artifacts, labels
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
@@ -44,7 +44,7 @@ def test_no_labeler_name_disables_labeling(lab_ws):
     at = app(name=None)
     assert at.button(key="defect").disabled and at.button(key="normal").disabled
     assert any("name" in w.value for w in at.warning)
-    assert len(at.get("image")) == 3  # image, reconstruction, heat map
+    assert len(at.get("image")) == 4  # the image as imported, the model input, its reconstruction, the heat map
 
 
 def test_defect_writes_one_event_and_moves_on(lab_ws):
@@ -169,7 +169,13 @@ def test_the_card_draws_the_local_t2_map_and_names_the_combined_score(lab_ws):
     metric is the combined T² that ranks the queue."""
     at = app()
     captions = [img.caption for el in at.get("image") for img in el.proto.imgs]
-    assert captions == ["image", "reconstruction", "anomaly map (red: local T²)"]
+    assert captions == ["image (32×32 px)", "what the model sees (32×32)", "its reconstruction",
+                        "anomaly map (red: local T²)"]
     first = min(pq.read_table(lab_ws / "rounds" / "r000" / "scores.parquet").to_pylist(), key=lambda r: r["rank"])
     shown = {m.label: m.value for m in at.metric}
     assert shown["combined T²"] == f"{first['score']:.4g}"
+    threshold = artifacts.load(lab_ws / "rounds" / "r000" / "model").threshold_
+    assert shown["Threshold"] == f"{threshold:.4g}" and shown["p-value"] == f"{first['p_value']:.3g}"
+    why = [m.value for m in at.markdown if m.value.startswith("Queued at rank")]
+    side = "above" if first["score"] > threshold else "below"
+    assert why and f"is **{side}** the threshold" in why[0]
