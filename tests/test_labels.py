@@ -41,6 +41,17 @@ def run_child(code: str, **kwargs) -> subprocess.Popen:
                             text=True, **kwargs)
 
 
+def kill_when_ready(child: subprocess.Popen, ready: Path) -> None:
+    """SIGKILL the child once it has written `ready` (it is then hanging where the test wants it killed)."""
+    try:
+        wait_for(ready)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
 def wait_for(path: Path, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -96,13 +107,7 @@ def test_a_writer_killed_before_the_rename_leaves_nothing_readers_see(tmp_path):
         "def hang(tmp):\n    ready.write_text(str(tmp))\n    time.sleep(60)\n"
         "labels._write_fragment(folder, 'zzz-killed.parquet', table, before_replace=hang)\n"
     )
-    try:
-        wait_for(ready)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=10)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    kill_when_ready(child, ready)
     tmp = Path(ready.read_text())
     assert tmp.exists() and tmp.stat().st_size > 0  # the complete temp file is still there ...
     assert not (folder / "zzz-killed.parquet").exists()  # ... but never became a fragment
@@ -166,12 +171,19 @@ def test_latest_event_wins_even_when_the_clock_stands_still(tmp_path, monkeypatc
     assert stamps == sorted(stamps) and len(set(stamps)) == 30
 
 
-def test_log_order_is_ts_then_fragment_name_then_row(tmp_path):
+def write_tied_fragments(folder: Path) -> datetime:
+    """Four fragments whose events tie on ts, so that only the fragment name and the row order decide; returns
+    the tied ts."""
     t0, t1 = datetime(2030, 1, 1, tzinfo=UTC), datetime(2030, 1, 2, tzinfo=UTC)
-    labels._write_fragment(tmp_path, "a-late.parquet", raw_table([row("x", "normal", t1)]))
-    labels._write_fragment(tmp_path, "c-tie.parquet", raw_table([row("y", "skip", t0)]))
-    labels._write_fragment(tmp_path, "b-tie.parquet", raw_table([row("y", "defect", t0), row("y", "normal", t0)]))
-    labels._write_fragment(tmp_path, "d-early.parquet", raw_table([row("x", "defect", t0)]))
+    labels._write_fragment(folder, "a-late.parquet", raw_table([row("x", "normal", t1)]))
+    labels._write_fragment(folder, "c-tie.parquet", raw_table([row("y", "skip", t0)]))
+    labels._write_fragment(folder, "b-tie.parquet", raw_table([row("y", "defect", t0), row("y", "normal", t0)]))
+    labels._write_fragment(folder, "d-early.parquet", raw_table([row("x", "defect", t0)]))
+    return t0
+
+
+def test_log_order_is_ts_then_fragment_name_then_row(tmp_path):
+    write_tied_fragments(tmp_path)
     order = [(r["id"], r["label"]) for r in read_events(tmp_path).to_pylist()]
     assert order == [("y", "defect"), ("y", "normal"), ("y", "skip"), ("x", "defect"), ("x", "normal")]
     assert current_labels(tmp_path) == {"x": "normal", "y": "skip"}
@@ -359,11 +371,7 @@ def _files(folder):
 
 
 def test_compaction_keeps_every_event_and_the_log_order(tmp_path):
-    t0, t1 = datetime(2030, 1, 1, tzinfo=UTC), datetime(2030, 1, 2, tzinfo=UTC)
-    labels._write_fragment(tmp_path, "a-late.parquet", raw_table([row("x", "normal", t1)]))
-    labels._write_fragment(tmp_path, "c-tie.parquet", raw_table([row("y", "skip", t0)]))
-    labels._write_fragment(tmp_path, "b-tie.parquet", raw_table([row("y", "defect", t0), row("y", "normal", t0)]))
-    labels._write_fragment(tmp_path, "d-early.parquet", raw_table([row("x", "defect", t0)]))
+    t0 = write_tied_fragments(tmp_path)
     for i in range(5):
         labels.append(tmp_path, [event(f"z{i}", "defect")])
     before = read_events(tmp_path).to_pylist()
@@ -394,13 +402,7 @@ def test_a_compactor_killed_before_its_deletions_loses_and_duplicates_nothing(tm
         "def hang(segment):\n    ready.write_text(str(segment))\n    time.sleep(60)\n"
         "labels.compact(folder, before_delete=hang)\n"
     )
-    try:
-        wait_for(ready)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=10)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    kill_when_ready(child, ready)
     assert len(_files(folder)) == 7  # the segment and the six fragments it covers
     assert sorted(read_events(folder).column("id").to_pylist()) == [f"a{i}" for i in range(6)]
     labels.append(folder, [event("a0", "normal")])  # writers carry on
