@@ -57,8 +57,7 @@ def save(detector: Detector, folder: Path, metrics: dict[str, Any], trained_on: 
         loc = detector.local_
         safetensors.torch.save_file({"mean": torch.from_numpy(loc.mean), "precision": torch.from_numpy(loc.precision)},
                                     tmp / "local.safetensors")
-    _write_json(tmp / "score.json", {"primary": detector.primary_, "scales": detector.scales_,
-                                     **detector.limit_.to_dict()})
+    _write_json(tmp / "score.json", _score_json(detector))
     versions = {"aae_ray": __version__, "torch": torch.__version__, "numpy": np.__version__,
                 "python": platform.python_version()}
     _write_json(tmp / "metrics.json", {"versions": versions, **metrics})
@@ -68,6 +67,10 @@ def save(detector: Detector, folder: Path, metrics: dict[str, Any], trained_on: 
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
+
+
+def _score_json(detector: Detector) -> dict[str, Any]:
+    return {"primary": detector.primary_, "scales": detector.scales_, **detector.limit_.to_dict()}
 
 
 def load(folder: Path) -> Detector:
@@ -137,9 +140,7 @@ def save_limit(detector: Detector, folder: Path, metrics: dict[str, Any]) -> Non
     recalibration, weights and T2's statistics untouched. Each file is replaced atomically, score.json first
     (it is what scoring reads)."""
     folder = Path(folder)
-    for name, data in (("score.json", {"primary": detector.primary_, "scales": detector.scales_,
-                                       **detector.limit_.to_dict()}),
-                       ("metrics.json", {**read_metrics(folder), **metrics})):
+    for name, data in (("score.json", _score_json(detector)), ("metrics.json", {**read_metrics(folder), **metrics})):
         write_text(folder / name, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
 
 

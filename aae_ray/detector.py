@@ -178,11 +178,11 @@ class Detector:
         """Re-set the primary score's limit and p-values from these normals, known to be good and never trained
         on (new labels: `aae-ray recalibrate`), without touching the weights or T2's statistics. Too few of them
         for the rank at alpha: the F limit for the global T2; any other score keeps its current limit."""
-        X = _check_images(X_known_normal, self.config.input_size)
-        held = self.score(X, maps=False).score if len(X) else None
         cfg, hot = self.config, self.hotelling_
         if cfg.threshold == "f_ucl" and self.primary_ == "global":
-            return self
+            return self  # asked for the F limit: no normals change it
+        X = _check_images(X_known_normal, cfg.input_size)
+        held = self.score(X, maps=False).score if len(X) else None
         n_held = 0 if held is None else len(held)
         if n_held >= needed_for_rank(cfg.alpha):
             self.limit_ = ScoreLimit.fit(held, held, cfg.alpha).with_f(hot)  # the held-out rule applies: calibrated
