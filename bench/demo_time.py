@@ -32,8 +32,8 @@ def one_run() -> dict:
         seconds = time.perf_counter() - t0
         ws = Workspace.open(ws_dir)
         m = artifacts.read_metrics(ws.current_model_dir())
-    return {"seconds": seconds, "promoted_round": ws.current()["round"], "test_auroc": m["test_auroc"],
-            "tpr": m["test"]["tpr"], "fpr": m["test"]["fpr"]}
+        return {"seconds": seconds, "promoted_round": ws.current()["round"], "test_auroc": m["test_auroc"],
+                "tpr": m["test"]["tpr"], "fpr": m["test"]["fpr"]}
 
 
 def main() -> None:
