@@ -70,7 +70,8 @@ def save(detector: Detector, folder: Path, metrics: dict[str, Any], trained_on: 
 
 
 def _score_json(detector: Detector) -> dict[str, Any]:
-    return {"primary": detector.primary_, "scales": detector.scales_, **detector.limit_.to_dict()}
+    return {"primary": detector.primary_, "scales": detector.scales_, "t2_trim": detector.t2_trim_,
+            **detector.limit_.to_dict()}
 
 
 def load(folder: Path) -> Detector:
@@ -98,6 +99,8 @@ def load(folder: Path) -> Detector:
     try:
         det.limit_ = ScoreLimit.from_dict(score)
         det.primary_, det.scales_ = str(score["primary"]), {k: float(v) for k, v in score["scales"].items()}
+        # artifacts from before t2_trim: auto say nothing: the config's number (auto could not have been set)
+        det.t2_trim_ = float(score.get("t2_trim", cfg.t2_trim if cfg.t2_trim != "auto" else 0.0))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"{folder / 'score.json'}: not score statistics ({type(exc).__name__}: {exc})") from None
     det.threshold_ = det.limit_.threshold

@@ -77,7 +77,9 @@ class AAEConfig(BaseModel):
     # Share of the highest-T2 training codes left out of T2's mean and covariance. Set it near the share of
     # defects expected among the presumed normals: on Fashion-MNIST with 10% pollution, 0.2 lifted the mean T2
     # AUROC from 0.89 to 0.93 (bench/results/fmnist_deepsad_trim0.2.md); on clean data it cost 0.005-0.02.
-    t2_trim: float = Field(0.0, ge=0, lt=0.5)
+    # auto: that share estimated after training, from the known normals held out and the confirmed defects
+    # (scoring.estimate_contamination); 0 when every normal is known to be good.
+    t2_trim: float | Literal["auto"] = "auto"
     alpha: float = Field(0.01, gt=0, lt=0.5)  # false-alarm rate the T2 threshold is set for
     calibration_fraction: float = Field(0.2, ge=0, lt=0.5)  # normals held out of training for the threshold
     threshold: Literal["calibrated", "f_ucl"] = "calibrated"  # conformal on held-out normals, or the F limit
@@ -86,6 +88,8 @@ class AAEConfig(BaseModel):
 
     @model_validator(mode="after")
     def _fits_input(self) -> AAEConfig:
+        if self.t2_trim != "auto" and not 0 <= self.t2_trim < 0.5:
+            raise ValueError(f"t2_trim must be auto or a share in [0, 0.5), got {self.t2_trim}")
         if self.input_size >> self.conv_blocks < 1:
             msg = f"conv_blocks={self.conv_blocks} halves input_size={self.input_size} below 1 pixel"
             raise ValueError(msg)

@@ -24,12 +24,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from aae_ray.config import AAEConfig
-from aae_ray.scoring import Hotelling, LocalHotelling, ScoreLimit, needed_for_rank
+from aae_ray.scoring import (
+    MAX_TRIM,
+    Hotelling,
+    LocalHotelling,
+    ScoreLimit,
+    estimate_contamination,
+    needed_for_rank,
+)
 from aae_ray.train import EpochCallback, EpochLog, build_model, fit_model, mix_defects, place, to_batch
 
 log = logging.getLogger(__name__)
@@ -118,26 +126,58 @@ class Detector:
             self.model_.eval()
             self.history_ = []
         self.n_train_, self.n_defects_mixed_ = len(train_idx), len(mixed)
+        return self._fit_all_statistics(X, y, known, X_calibration)
+
+    def _fit_all_statistics(self, X: np.ndarray, y: np.ndarray, known: np.ndarray,
+                            X_calibration: np.ndarray | None) -> Detector:
+        """Everything `fit` does after training: the statistics on the training normals, the limit on the
+        held-out known normals (and `X_calibration`), and under `t2_trim: auto` the trim from the estimated
+        share of defects hidden among the presumed normals."""
+        cfg = self.config
+        cal_idx, train_idx = self._split_normals(y, known, np.random.default_rng(cfg.seed))
         self.calibration_idx_ = cal_idx  # into X: the known normals held out of training for the limit
         heldout = X[cal_idx]
         if X_calibration is not None and len(X_calibration):
             heldout = np.concatenate([heldout, _check_images(X_calibration, cfg.input_size)])
-        self.fit_statistics(X[train_idx], heldout)
+        auto = cfg.t2_trim == "auto"
+        self.fit_statistics(X[train_idx], heldout, trim=0.0 if auto else cfg.t2_trim)
+        self.contamination_ = None
+        if auto:
+            self._trim_hidden_defects(X, train_idx[~known[train_idx]], heldout, X[y == 1], train_idx)
         if self.limit_.method != "calibrated" and cfg.threshold == "calibrated":
             log.warning("%s", self.limit_.describe())
         return self
 
-    def fit_statistics(self, X_normal: np.ndarray, X_heldout: np.ndarray | None = None) -> Detector:
+    def _trim_hidden_defects(self, X: np.ndarray, presumed_idx: np.ndarray, heldout: np.ndarray,
+                             X_defects: np.ndarray, train_idx: np.ndarray) -> None:
+        """`t2_trim: auto`: estimate the share of defects among the presumed normals from the untrimmed fit's
+        scores (scoring.estimate_contamination: the known normals place a cut, the confirmed defects say how
+        many defects pass it), then refit the statistics without that many of the highest-scored codes."""
+        score = lambda A: self.score(A, maps=False).score if len(A) else np.empty(0)  # noqa: E731
+        self.contamination_ = estimate_contamination(score(X[presumed_idx]), score(heldout), score(X_defects))
+        log.info("t2_trim auto: %s", self.contamination_.describe())
+        # The estimate is a share of the presumed normals; the trim is a share of all the training normals.
+        trim = min(self.contamination_.share, MAX_TRIM) * len(presumed_idx) / len(train_idx)
+        if trim > 0:
+            self.fit_statistics(X[train_idx], heldout, trim=trim)
+
+    def fit_statistics(self, X_normal: np.ndarray, X_heldout: np.ndarray | None = None,
+                       trim: float | None = None) -> Detector:
         """(Re)fit T2's means and covariances on these normals (at most the family's `stats_images` of them),
         the combined score's scales, and the primary score's limit: calibrated on held-out normals if asked
-        (and there are enough), else the F limit (global T2) or the training quantile (any other score)."""
+        (and there are enough), else the F limit (global T2) or the training quantile (any other score).
+        `trim`: the share of the highest-T2 codes left out (default: the config's `t2_trim`, or under "auto"
+        the share this detector was fitted with, `t2_trim_`)."""
         cfg = self.config
+        if trim is None:
+            trim = cfg.t2_trim if cfg.t2_trim != "auto" else getattr(self, "t2_trim_", 0.0)
+        self.t2_trim_ = float(trim)
         self.primary_ = _primary(cfg, self.model_)
         cap = self.model_.stats_images
         if cap is not None and len(X_normal) > cap:
             X_normal = X_normal[np.sort(np.random.default_rng(cfg.seed).choice(len(X_normal), cap, replace=False))]
         raw = self._forward(X_normal, features=True)  # one pass (one latent search): the statistics need it all
-        self.hotelling_ = Hotelling.fit(raw.codes, alpha=cfg.alpha, trim=cfg.t2_trim)
+        self.hotelling_ = Hotelling.fit(raw.codes, alpha=cfg.alpha, trim=self.t2_trim_)
         self.local_ = None if raw.features is None else LocalHotelling.fit(
             raw.features, per_position=cfg.local_stats == "per_position", topk=cfg.local_topk)
         if self.local_ is not None:
@@ -160,19 +200,19 @@ class Detector:
         train_idx = np.sort(np.concatenate([known_idx[n_cal:], np.flatnonzero((y != 1) & ~known)]))
         return np.sort(known_idx[:n_cal]), train_idx
 
-    def rescored(self, score: str, X: np.ndarray, y: np.ndarray | None = None,
-                 known: np.ndarray | None = None) -> Detector:
-        """A copy of this fitted detector whose primary score is `score` ("global", "local", ...), its
-        statistics refitted on the same training and held-out normals of (X, y, known), what `fit` was given.
-        For comparing scores of one network without training it again."""
-        other = Detector(self.config.model_copy(update={"score": score}))
+    def rescored(self, X: np.ndarray, y: np.ndarray | None = None, known: np.ndarray | None = None, *,
+                 X_calibration: np.ndarray | None = None, **config: Any) -> Detector:
+        """A copy of this fitted detector, its statistics and limit refitted as `fit` would on (X, y, known,
+        X_calibration) with these config fields changed (`score="global"`, `t2_trim=0.1`, ...): the same
+        network, not trained again. For comparing scores, or labels' effect on the statistics (the same
+        normals with other confirmed defects: `t2_trim: auto`'s estimate), without retraining."""
+        other = Detector(self.config.model_copy(update=config))
         other.model_, other.history_ = self.model_, self.history_
         other.n_train_, other.n_defects_mixed_ = self.n_train_, self.n_defects_mixed_
+        other.primary_ = _primary(other.config, other.model_)
         y = np.zeros(len(X), dtype=np.int8) if y is None else np.asarray(y)
         known = np.ones(len(X), dtype=bool) if known is None else np.asarray(known, dtype=bool)
-        cal_idx, train_idx = other._split_normals(y, known, np.random.default_rng(self.config.seed))
-        other.calibration_idx_ = cal_idx
-        return other.fit_statistics(X[train_idx], X[cal_idx])
+        return other._fit_all_statistics(_check_images(X, other.config.input_size), y, known, X_calibration)
 
     def calibrate(self, X_known_normal: np.ndarray) -> Detector:
         """Re-set the primary score's limit and p-values from these normals, known to be good and never trained
@@ -205,7 +245,7 @@ class Detector:
                 return limit.with_f(hot)
             return replace(ScoreLimit.f_limit(hot), n_heldout=n_held)
         # The training normals may hide defects (presumed normals): their top t2_trim share is left out
-        return ScoreLimit.fit(train, held, cfg.alpha, trim=cfg.t2_trim).with_f(hot)
+        return ScoreLimit.fit(train, held, cfg.alpha, trim=self.t2_trim_).with_f(hot)
 
     @property
     def score_label(self) -> str:

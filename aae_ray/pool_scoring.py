@@ -49,13 +49,15 @@ class _Scorer:
         import ray
         import torch
 
+        from aae_ray.train import limit_threads
+
         self.det = artifacts.load(Path(model_dir))
         self.with_codes = with_codes
         if ray.get_gpu_ids() and torch.cuda.is_available():  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU
             self.det.to("cuda")
         else:  # one thread per reserved CPU: several actors with torch's default would oversubscribe the cores
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-            torch.set_num_threads(max(1, round(cpus)))
+            limit_threads(max(1, round(cpus)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from aae_ray.data.images import to_model_input

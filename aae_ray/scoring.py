@@ -260,6 +260,56 @@ class ScoreLimit:
                    int(n_held))
 
 
+CONTAMINATION_CUT = 0.1  # the cut: this upper share of the known normals' scores
+MIN_KNOWN_FOR_SHARE = 50  # known normals below which the cut is too loose to estimate from
+MAX_TRIM = 0.3  # what t2_trim: auto trims at most, whatever the estimate (a half-defect pool is not a model of normal)
+
+
+@dataclass(frozen=True)
+class Contamination:
+    """How many defects hide among the presumed normals, estimated from the scores of three groups.
+
+    Above a cut that a share q of the known normals pass, a pool of presumed normals with a share pi of
+    defects has pool_above = pi * defect_pass + (1 - pi) * q, so pi = (pool_above - q) / (defect_pass - q):
+    the mixture-proportion estimate of positive-unlabeled learning (Elkan and Noto 2008, with the known
+    normals as the labeled class). defect_pass comes from the confirmed defects; without any it is taken as 1,
+    which makes pi a lower bound. Written here because scikit-learn has no mixture-proportion estimator."""
+
+    share: float  # estimated share of defects among the presumed normals, in [0, 1]
+    pool_above: float  # share of presumed normals above the cut
+    defect_pass: float  # share of confirmed defects above the cut (1.0 assumed without any)
+    n_pool: int
+    n_known: int
+    n_defects: int
+    note: str = ""
+
+    def describe(self) -> str:
+        if self.note:
+            return self.note
+        return (f"{self.share:.1%} of the {self.n_pool} presumed normals estimated to be defects: "
+                f"{self.pool_above:.1%} "
+                f"pass the cut {CONTAMINATION_CUT:.0%} of the {self.n_known} known normals pass, as do "
+                f"{self.defect_pass:.0%} of " + (f"the {self.n_defects} confirmed defects" if self.n_defects else
+                                                 "defects (assumed: none confirmed, so a lower bound)"))
+
+
+def estimate_contamination(pool: np.ndarray, known: np.ndarray, defects: np.ndarray,
+                           q: float = CONTAMINATION_CUT) -> Contamination:
+    """Contamination from the primary scores of presumed normals (`pool`), held-out known normals and confirmed
+    defects; 0 when there is no pool or too few known normals to place the cut."""
+    n = (len(pool), len(known), len(defects))
+    if not len(pool):
+        return Contamination(0.0, 0.0, 1.0, *n, note="no presumed normals: nothing hides defects")
+    if len(known) < MIN_KNOWN_FOR_SHARE:
+        return Contamination(0.0, 0.0, 1.0, *n, note=f"{len(known)} known normals held out, fewer than the "
+                             f"{MIN_KNOWN_FOR_SHARE} needed to estimate the presumed normals' contamination: 0 assumed")
+    cut = float(np.quantile(known, 1 - q))
+    above = float(np.mean(pool > cut))
+    passed = float(np.mean(defects > cut)) if len(defects) else 1.0
+    share = float(np.clip((above - q) / (passed - q), 0.0, 1.0)) if passed > q else 0.0
+    return Contamination(share, above, passed, *n)
+
+
 def needed_for_rank(alpha: float) -> int:
     """Known normals a conformal limit at alpha needs: the smallest m with ceil((1 - alpha)(m + 1)) <= m."""
     m = 1

@@ -4,6 +4,7 @@ The CLI only parses arguments and prints; Tune's trials and rounds call the same
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -64,7 +65,12 @@ def threshold_metrics(det: Detector) -> dict[str, Any]:
     lim = det.limit_
     return {"threshold": det.threshold_, "threshold_method": lim.method, "threshold_basis": lim.method,
             "n_calibration": lim.n_heldout, "threshold_note": lim.describe(), "ucl_f": lim.ucl_f,
-            "primary_score": det.primary_}
+            "primary_score": det.primary_, "t2_trim": det.t2_trim_, **_contamination(det)}
+
+
+def _contamination(det: Detector) -> dict[str, Any]:
+    c = getattr(det, "contamination_", None)  # set by fit under t2_trim: auto; a loaded artifact has none
+    return {} if c is None else {"contamination": {**dataclasses.asdict(c), "note": c.describe()}}
 
 
 def trained_ids(ids, det: Detector) -> list[str]:

@@ -89,7 +89,7 @@ def run_cell(name: str, method: str, seed: int, data: dict, epochs: int, threads
     variants = {det.primary_: det}
     if det.primary_ == "combined":  # the same network, its statistics refitted for each single score
         for score in ("global", "local"):
-            variants[score] = det.rescored(score, data["X_train"])
+            variants[score] = det.rescored(data["X_train"], score=score)
     rows = []
     for score, d in variants.items():
         s = d.score(data["X_test"], maps=data["mask_test"] is not None)

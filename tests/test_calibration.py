@@ -38,7 +38,7 @@ def test_too_few_known_normals_fall_back_and_say_so(solder, caplog):
     assert det.limit_.n_heldout == 40 < 99
     assert det.limit_.method == "train_quantile"
     assert "only 40 known normals" in caplog.text and "needs 99" in caplog.text
-    glob = det.rescored("global", X)
+    glob = det.rescored(X, score="global")
     assert glob.limit_.method == "f_ucl" and glob.limit_.n_heldout == 40
     assert "F limit" in glob.limit_.describe()
 

@@ -22,7 +22,7 @@ from ray import tune
 from aae_ray import artifacts, scoring
 from aae_ray.config import validate
 from aae_ray.detector import Detector
-from aae_ray.train import EpochLog, TrainingDiverged
+from aae_ray.train import EpochLog, TrainingDiverged, limit_threads
 from aae_ray.tuning.trial_data import TrialData
 from aae_ray.workflow import trained_ids
 
@@ -44,7 +44,7 @@ def train_trial(params: dict[str, Any], data: TrialData) -> None:
     if marker.exists():  # a retry of a diverged trial: training is deterministic, fail at once with its reason
         raise TrainingDiverged(marker.read_text())
     cfg = validate(params, where="trial config")
-    torch.set_num_threads(max(1, cfg.num_threads))
+    limit_threads(max(1, cfg.num_threads))
     X, y = data.X[cfg.input_size], data.y
     obj_X, obj_y = data.objective_X[cfg.input_size], data.objective_y
     det = Detector(cfg)
