@@ -306,6 +306,8 @@ def status(args: argparse.Namespace) -> int:
         basis, n_cal = m.get("threshold_basis") or m.get("threshold_method"), m.get("n_calibration")
         note = describe_basis(basis, n_cal, alpha) if n_cal is not None else f"threshold basis {basis}"
         print(f"threshold: {_fmt(m.get('threshold'))}; {note}")
+        if "contamination" in m:
+            print(f"hidden defects: {m['contamination']['note']}; t2_trim {m['t2_trim']:.1%}")
     return 0
 
 

@@ -49,6 +49,9 @@ def train_round(ws: Workspace, cfg: AAEConfig, *, round_no: int = 0, echo: Echo 
     det = Detector(cfg).fit(data.X, data.y, known=data.known, X_calibration=calibration.X, init=init,
                             on_epoch=on_epoch, progress=progress)
     echo(det.limit_.describe())
+    if det.contamination_ is not None:
+        echo(f"t2_trim auto: {det.t2_trim_:.1%} of the training codes left out of T2's fit; "
+             f"{det.contamination_.describe()}")
     metrics = {"round": round_no, "trial": None, "data_fingerprint": fingerprint(data),
                **evaluate(ws, det), "n_train": det.n_train_, "n_defects_mixed": det.n_defects_mixed_,
                **threshold_metrics(det),
