@@ -273,7 +273,10 @@ class Contamination:
     defects has pool_above = pi * defect_pass + (1 - pi) * q, so pi = (pool_above - q) / (defect_pass - q):
     the mixture-proportion estimate of positive-unlabeled learning (Elkan and Noto 2008, with the known
     normals as the labeled class). defect_pass comes from the confirmed defects; without any it is taken as 1,
-    which makes pi a lower bound. Written here because scikit-learn has no mixture-proportion estimator."""
+    which makes pi a lower bound. The presumed normals were trained on and score a little lower than unseen
+    normals, so the estimate leans low; confirmed defects of one easy kind pass the cut more often than hidden
+    defects of every kind, which leans it low too, and a hard kind leans it high. Written here because
+    scikit-learn has no mixture-proportion estimator."""
 
     share: float  # estimated share of defects among the presumed normals, in [0, 1]
     pool_above: float  # share of presumed normals above the cut

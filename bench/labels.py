@@ -142,11 +142,12 @@ def gain_summary(cells: list[dict]) -> dict | None:
     gains: dict[int, list[float]] = {}
     for c in cells:
         gains.setdefault(c["seed"], []).append(c["ratios"]["0.05"]["test_auroc"] - c["ratios"]["0"]["test_auroc"])
-    per_seed = [float(np.mean(g)) for g in gains.values()]
+    # the spread over seeds compares like with like: only seeds that cover every class in the table
+    per_seed = [float(np.mean(g)) for g in gains.values() if len(g) == len(by_class)]
     return {"mean_auroc": {n: mean[n] for n in GAIN_RATIOS}, "baseline_t2_trim_0": mean["fixed0"],
             "gain": float(np.mean([g for gs in gains.values() for g in gs])),
             "gain_std": float(np.std(per_seed)) if len(per_seed) > 1 else None,
-            "gain_by_seed": dict(zip(map(str, gains), per_seed, strict=True)),
+            "gain_by_seed": {str(s): {"gain": float(np.mean(g)), "classes": len(g)} for s, g in gains.items()},
             "classes": sorted(by_class), "seeds": sorted(gains), "complete": len(by_class) == 10 and len(gains) >= 3,
             "fpr_at_0.05": {str(k): float(np.mean([c["ratios"]["0.05"]["fpr"] for c in cs]))
                             for k, cs in by_class.items()},
@@ -277,7 +278,7 @@ def gain_markdown(doc: dict) -> list[str]:
         return []
     cells = doc["gain_cells"]
     names = list(cells[0]["ratios"])
-    std = "n/a (one seed)" if g["gain_std"] is None else f"{g['gain_std']:.4f}"
+    std = "n/a (one seed covers every class)" if g["gain_std"] is None else f"{g['gain_std']:.4f}"
     lines = ["", "## Labels raising AUROC: Fashion-MNIST, Deep SAD protocol (pollution 0.1)", "",
              f"Commit {', '.join(sorted({c['commit'] for c in cells}))}. Classes {g['classes']}, seeds {g['seeds']}"
              + ("" if g["complete"] else " (**incomplete**: the issue asks for 10 classes x 3 seeds)") + ". "
@@ -291,7 +292,9 @@ def gain_markdown(doc: dict) -> list[str]:
              + " |",
              "| mean AUROC on the unseen classes | " + " | ".join(f"{g['mean_unseen_auroc'][n]:.4f}" for n in names)
              + " |", "",
-             f"Paired gain of ratio 0.05 over 0: **{g['gain']:+.4f}** (std over seeds {std}); target >= +0.02. "
+             f"Paired gain of ratio 0.05 over 0: **{g['gain']:+.4f}** (std over seeds {std}; by seed: " + ", ".join(
+                 f"{s}: {v['gain']:+.4f} over {v['classes']} classes" for s, v in g["gain_by_seed"].items())
+             + "); target >= +0.02. "
              "False alarms at alpha 0.01 on the test normals, ratio 0.05: " + ", ".join(
                  f"{k}: {v:.4f}" for k, v in sorted(g["fpr_at_0.05"].items())) + ".", "",
              "| class | seed | labeled class | true pollution | " + " | ".join(
