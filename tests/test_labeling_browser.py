@@ -62,6 +62,9 @@ def open_page(ctx, url: str, name: str):
     # The card is drawn before the name reaches the server; its buttons are enabled once it has.
     sync_api.expect(page.get_by_role("button", name=re.compile(r"^Defect"))).to_be_enabled(timeout=TIMEOUT_MS)
     settle(page)  # the page takes the focus off the name box itself (test_the_first_key_after_the_name_labels)
+    # its script runs in a component frame, which may load after the run settles: a key pressed sooner would
+    # type into the name box, as it would for a person typing faster than the page loads
+    page.wait_for_function("() => document.activeElement?.tagName !== 'INPUT'", timeout=TIMEOUT_MS)
     return page
 
 
@@ -183,7 +186,9 @@ def test_the_first_key_after_the_name_labels(lab_ws, tmp_path, playwright):
             sync_api.expect(page.get_by_role("button", name=re.compile(r"^Defect"))).to_be_enabled(
                 timeout=TIMEOUT_MS)
             settle(page)
-            press_and_wait(page, "d", f"{first} → defect")  # no click anywhere first
+            # the page itself takes the focus off the name box (no click anywhere) ...
+            page.wait_for_function("() => document.activeElement?.tagName !== 'INPUT'", timeout=TIMEOUT_MS)
+            press_and_wait(page, "d", f"{first} → defect")  # ... so the first key labels
             sync_api.expect(page.get_by_label("Your name")).to_have_value("ann")
         finally:
             ctx.close()
