@@ -101,6 +101,7 @@ def load(folder: Path) -> Detector:
         det.primary_, det.scales_ = str(score["primary"]), {k: float(v) for k, v in score["scales"].items()}
         # artifacts from before t2_trim: auto say nothing: the config's number (auto could not have been set)
         det.t2_trim_ = float(score.get("t2_trim", cfg.t2_trim if cfg.t2_trim != "auto" else 0.0))
+        det.contamination_ = None  # the estimate lives in metrics.json; the statistics it set are loaded above
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"{folder / 'score.json'}: not score statistics ({type(exc).__name__}: {exc})") from None
     det.threshold_ = det.limit_.threshold

@@ -134,6 +134,7 @@ class Detector:
         held-out known normals (and `X_calibration`), and under `t2_trim: auto` the trim from the estimated
         share of defects hidden among the presumed normals."""
         cfg = self.config
+        # fit's split exactly: it is the first draw of a generator seeded with the config's seed there too
         cal_idx, train_idx = self._split_normals(y, known, np.random.default_rng(cfg.seed))
         self.calibration_idx_ = cal_idx  # into X: the known normals held out of training for the limit
         heldout = X[cal_idx]

@@ -72,7 +72,7 @@ def threshold_metrics(det: Detector) -> dict[str, Any]:
 
 
 def _contamination(det: Detector) -> dict[str, Any]:
-    c = getattr(det, "contamination_", None)  # set by fit under t2_trim: auto; a loaded artifact has none
+    c = det.contamination_  # None unless fit estimated it (t2_trim: auto)
     return {} if c is None else {"contamination": {**dataclasses.asdict(c), "note": c.describe()}}
 
 
