@@ -134,21 +134,26 @@ def gain_summary(cells: list[dict]) -> dict | None:
     if not cells:
         return None
     names = list(cells[0]["ratios"])
+    all_cells, classes = cells, {c["class"] for c in cells}
+    # Like with like: the summary is over the seeds that cover every class; a seed's first few classes wait
+    # in the JSON (and in gain_by_seed) until it is complete.
+    complete = {s for s in {c["seed"] for c in cells} if {c["class"] for c in cells if c["seed"] == s} == classes}
+    cells = [c for c in cells if c["seed"] in complete] or cells
     by_class: dict[int, list[dict]] = {}
     for c in cells:
         by_class.setdefault(c["class"], []).append(c)
     mean = {n: float(np.mean([np.mean([c["ratios"][n]["test_auroc"] for c in cs]) for cs in by_class.values()]))
             for n in names}
     gains: dict[int, list[float]] = {}
-    for c in cells:
+    for c in all_cells:
         gains.setdefault(c["seed"], []).append(c["ratios"]["0.05"]["test_auroc"] - c["ratios"]["0"]["test_auroc"])
-    # the spread over seeds compares like with like: only seeds that cover every class in the table
-    per_seed = [float(np.mean(g)) for g in gains.values() if len(g) == len(by_class)]
+    per_seed = [float(np.mean(g)) for s, g in gains.items() if s in complete]
     return {"mean_auroc": {n: mean[n] for n in GAIN_RATIOS}, "baseline_t2_trim_0": mean["fixed0"],
-            "gain": float(np.mean([g for gs in gains.values() for g in gs])),
+            "gain": float(np.mean([c["ratios"]["0.05"]["test_auroc"] - c["ratios"]["0"]["test_auroc"] for c in cells])),
             "gain_std": float(np.std(per_seed)) if len(per_seed) > 1 else None,
             "gain_by_seed": {str(s): {"gain": float(np.mean(g)), "classes": len(g)} for s, g in gains.items()},
-            "classes": sorted(by_class), "seeds": sorted(gains), "complete": len(by_class) == 10 and len(gains) >= 3,
+            "classes": sorted(by_class), "seeds": sorted({c["seed"] for c in cells}),
+            "complete": len(by_class) == 10 and len(complete) >= 3,
             "fpr_at_0.05": {str(k): float(np.mean([c["ratios"]["0.05"]["fpr"] for c in cs]))
                             for k, cs in by_class.items()},
             "mean_unseen_auroc": {n: float(np.mean([c["ratios"][n]["unseen_auroc"] for c in cells])) for n in names},
@@ -280,6 +285,7 @@ def gain_markdown(doc: dict) -> list[str]:
     names = list(cells[0]["ratios"])
     std = "n/a (one seed covers every class)" if g["gain_std"] is None else f"{g['gain_std']:.4f}"
     lines = ["", "## Labels raising AUROC: Fashion-MNIST, Deep SAD protocol (pollution 0.1)", "",
+             "Summarised over the seeds that cover every class; every cell is in the per-class table.", "",
              f"Commit {', '.join(sorted({c['commit'] for c in cells}))}. Classes {g['classes']}, seeds {g['seeds']}"
              + ("" if g["complete"] else " (**incomplete**: the issue asks for 10 classes x 3 seeds)") + ". "
              f"The default detector (t2_trim auto, {cells[0]['epochs']} epochs), one training per (class, seed); the "
