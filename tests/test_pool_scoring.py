@@ -25,21 +25,23 @@ def in_process(ws: Workspace):
 
 
 def assert_same(got: PoolScores, ws: Workspace, with_codes: bool, ties: bool = False) -> None:
-    """`ties`: the pool holds the calibration normals too, and such an image ties with its own calibration score;
-    where the float noise of another batch size is amplified (AnoGAN's search), it may land on either side of
-    that tie, moving its p-value by one calibration step (and at most one image across the threshold)."""
+    """A pool image that is also one of the threshold's calibration normals (labeled normal and not trained on)
+    ties with its own calibration score; the float noise of another batch size (1e-7 here, more under AnoGAN's
+    search, `ties`) may land it on either side of that tie, moving its p-value by one calibration step. Only
+    such images may differ, by at most that step; every other p-value and decision must match exactly."""
     det, pool, s = in_process(ws)
     assert len(pool) > 0
     assert got.ids == pool.ids
     np.testing.assert_allclose(got.t2, s.t2, rtol=1e-5)
     np.testing.assert_allclose(got.score, s.score, rtol=1e-5)
-    if ties:
-        step = 1 / (len(det.limit_.calibration) + 1)
-        assert np.abs(got.p_value - s.p_value).max() <= step + 1e-12
-        assert (got.anomaly != s.anomaly).sum() <= 1
-    else:
-        np.testing.assert_allclose(got.p_value, s.p_value, rtol=1e-5, atol=1e-12)
-        np.testing.assert_array_equal(got.anomaly, s.anomaly)
+    cal = det.limit_.calibration
+    step = 1 / (len(cal) + 1)
+    tol = 1e-3 if ties else 1e-5
+    tied = np.array([len(cal) > 0 and bool(np.isclose(cal, v, rtol=tol, atol=0).any()) for v in s.score])
+    np.testing.assert_allclose(got.p_value[~tied], s.p_value[~tied], rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(got.anomaly[~tied], s.anomaly[~tied])
+    assert np.abs(got.p_value[tied] - s.p_value[tied]).max(initial=0) <= step + 1e-12
+    assert (got.anomaly[tied] != s.anomaly[tied]).sum() <= 1
     assert got.t2.dtype == np.float64 and got.anomaly.dtype == bool
     if with_codes:
         assert got.codes.shape == (len(pool), det.config.latent_dim)
