@@ -31,7 +31,7 @@ from aae_ray import __version__
 from aae_ray.atomic import write_text
 from aae_ray.config import AAEConfig, validate
 from aae_ray.detector import Detector
-from aae_ray.scoring import Hotelling, LocalHotelling, ScoreLimit
+from aae_ray.scoring import Hotelling, LocalHotelling, LocalNearest, ScoreLimit
 from aae_ray.train import build_model
 
 FILES = ("weights.safetensors", "config.json", "t2.json", "score.json", "metrics.json")
@@ -54,9 +54,8 @@ def save(detector: Detector, folder: Path, metrics: dict[str, Any], trained_on: 
     _write_json(tmp / "config.json", detector.config.model_dump())
     _write_json(tmp / "t2.json", detector.hotelling_.to_dict())
     if detector.local_ is not None:
-        loc = detector.local_
-        safetensors.torch.save_file({"mean": torch.from_numpy(loc.mean), "precision": torch.from_numpy(loc.precision)},
-                                    tmp / "local.safetensors")
+        tensors = {k: torch.from_numpy(v) for k, v in detector.local_.arrays().items()}
+        safetensors.torch.save_file(tensors, tmp / "local.safetensors")
     _write_json(tmp / "score.json", _score_json(detector))
     versions = {"aae_ray": __version__, "torch": torch.__version__, "numpy": np.__version__,
                 "python": platform.python_version()}
@@ -115,14 +114,21 @@ def read_config(folder: Path) -> AAEConfig:
     return validate(config, where=str(Path(folder) / "config.json"))
 
 
-def _read_local(path: Path, cfg: AAEConfig, shape: tuple[int, int]) -> LocalHotelling:
+def _read_local(path: Path, cfg: AAEConfig, shape: tuple[int, int]) -> LocalHotelling | LocalNearest:
     if not path.exists():
         raise ArtifactError(f"{path.parent} is not a model artifact: missing {path.name} (its family has a local map)")
     try:
-        t = safetensors.torch.load_file(path)
-        mean, precision = t["mean"].numpy(), t["precision"].numpy()
+        t = {k: v.numpy() for k, v in safetensors.torch.load_file(path).items()}
+        if cfg.local_stats == "nearest":
+            bank = t["bank"]
+        else:
+            mean, precision = t["mean"], t["precision"]
     except Exception as exc:  # safetensors raises its own types for foreign or truncated files
         raise ArtifactError(f"{path}: not local T2 statistics: {str(exc)[:200]}") from None
+    if cfg.local_stats == "nearest":
+        if bank.ndim != 4 or tuple(bank.shape[2:]) != tuple(shape):
+            raise ArtifactError(f"{path}: a nearest-normal bank {bank.shape} does not match the map {shape}")
+        return LocalNearest(bank, cfg.local_reach, cfg.local_topk)
     if mean.ndim != 2 or precision.shape != (*mean.shape, mean.shape[1]) or len(mean) not in (1, shape[0] * shape[1]):
         raise ArtifactError(f"{path}: means {mean.shape} and precisions {precision.shape} do not match")
     return LocalHotelling(mean, precision, shape, cfg.local_topk)

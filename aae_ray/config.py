@@ -37,8 +37,12 @@ class AAEConfig(BaseModel):
     local_dim: int = Field(32, ge=1, le=256)
     local_kernel: int = Field(3, ge=1, le=7)  # the local head's conv over the feature map: its reach in cells
     local_skip_drop: float = Field(0.5, ge=0, le=1)
-    # Local T2's statistics: one mean and covariance per position (aligned parts), or one shared (textures).
-    local_stats: Literal["per_position", "shared"] = "per_position"
+    # Local T2's statistics: one mean and covariance per position (aligned parts), one shared (textures), or
+    # nearest: each position's distance to the nearest normal code up to local_reach cells away, among the
+    # codes of local_bank training normals (parts that move a little; scoring.LocalNearest).
+    local_stats: Literal["per_position", "shared", "nearest"] = "per_position"
+    local_reach: int = Field(1, ge=0, le=8)
+    local_bank: int = Field(300, ge=2, le=20_000)
     local_topk: int = Field(1, ge=1, le=256)  # the image's local score: mean of its top-k positions (1 = max)
     anomaly_map: Literal["local", "recon"] = "local"  # the heat map: local T2 upsampled, or reconstruction error
     patch_size: int = Field(8, ge=2, le=64)  # patch: k x k pixel patches ...

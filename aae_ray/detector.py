@@ -34,6 +34,7 @@ from aae_ray.scoring import (
     MAX_TRIM,
     Hotelling,
     LocalHotelling,
+    LocalNearest,
     ScoreLimit,
     estimate_contamination,
     needed_for_rank,
@@ -141,16 +142,16 @@ class Detector:
         if X_calibration is not None and len(X_calibration):
             heldout = np.concatenate([heldout, _check_images(X_calibration, cfg.input_size)])
         auto = cfg.t2_trim == "auto"
-        self.fit_statistics(X[train_idx], heldout, trim=0.0 if auto else cfg.t2_trim)
+        self.fit_statistics(X[train_idx], heldout, trim=0.0 if auto else cfg.t2_trim, known=known[train_idx])
         self.contamination_ = None
         if auto:
-            self._trim_hidden_defects(X, train_idx[~known[train_idx]], heldout, X[y == 1], train_idx)
+            self._trim_hidden_defects(X, train_idx[~known[train_idx]], heldout, X[y == 1], train_idx, known)
         if self.limit_.method != "calibrated" and cfg.threshold == "calibrated":
             log.warning("%s", self.limit_.describe())
         return self
 
     def _trim_hidden_defects(self, X: np.ndarray, presumed_idx: np.ndarray, heldout: np.ndarray,
-                             X_defects: np.ndarray, train_idx: np.ndarray) -> None:
+                             X_defects: np.ndarray, train_idx: np.ndarray, known: np.ndarray) -> None:
         """`t2_trim: auto`: estimate the share of defects among the presumed normals from the untrimmed fit's
         scores (scoring.estimate_contamination: the known normals place a cut, the confirmed defects say how
         many defects pass it), then refit the statistics without that many of the highest-scored codes."""
@@ -160,37 +161,61 @@ class Detector:
         # The estimate is a share of the presumed normals; the trim is a share of all the training normals.
         trim = min(self.contamination_.share, MAX_TRIM) * len(presumed_idx) / len(train_idx)
         if trim > 0:
-            self.fit_statistics(X[train_idx], heldout, trim=trim)
+            self.fit_statistics(X[train_idx], heldout, trim=trim, known=known[train_idx])
 
     def fit_statistics(self, X_normal: np.ndarray, X_heldout: np.ndarray | None = None,
-                       trim: float | None = None) -> Detector:
+                       trim: float | None = None, known: np.ndarray | None = None) -> Detector:
         """(Re)fit T2's means and covariances on these normals (at most the family's `stats_images` of them),
         the combined score's scales, and the primary score's limit: calibrated on held-out normals if asked
         (and there are enough), else the F limit (global T2) or the training quantile (any other score).
         `trim`: the share of the highest-T2 codes left out (default: the config's `t2_trim`, or under "auto"
-        the share this detector was fitted with, `t2_trim_`)."""
+        the share this detector was fitted with, `t2_trim_`). `known`: which of X_normal are known to be good
+        (default: all); the combined score's scales come from them when there are enough."""
         cfg = self.config
         if trim is None:
             trim = cfg.t2_trim if cfg.t2_trim != "auto" else getattr(self, "t2_trim_", 0.0)
         self.t2_trim_ = float(trim)
         self.primary_ = _primary(cfg, self.model_)
+        known = np.ones(len(X_normal), dtype=bool) if known is None else np.asarray(known, dtype=bool)
         cap = self.model_.stats_images
         if cap is not None and len(X_normal) > cap:
-            X_normal = X_normal[np.sort(np.random.default_rng(cfg.seed).choice(len(X_normal), cap, replace=False))]
+            pick = np.sort(np.random.default_rng(cfg.seed).choice(len(X_normal), cap, replace=False))
+            X_normal, known = X_normal[pick], known[pick]
         raw = self._forward(X_normal, features=True)  # one pass (one latent search): the statistics need it all
         self.hotelling_ = Hotelling.fit(raw.codes, alpha=cfg.alpha, trim=self.t2_trim_)
-        self.local_ = None if raw.features is None else LocalHotelling.fit(
-            raw.features, per_position=cfg.local_stats == "per_position", topk=cfg.local_topk)
-        if self.local_ is not None:
-            raw = replace(raw, t2_local=self.local_.image_score(self.local_.t2_map(raw.features)))
+        self.local_ = None
+        if raw.features is not None:
+            self.local_, train_map = self._fit_local(raw)
+            raw = replace(raw, t2_local=self.local_.image_score(train_map))
         train = self._raw_scores(raw)
-        self.scales_ = {name: _positive(np.quantile(s, 1 - cfg.alpha)) for name, s in train.items()
+        # Each scale is a (1 - alpha) quantile of the training normals' scores: of those known to be good where
+        # there are enough, since a defect hidden among the presumed normals would set it otherwise (the local
+        # score sees the small ones that T2's trim, ranked by the global code, leaves in).
+        base = known if known.sum() >= needed_for_rank(cfg.alpha) else np.ones(len(known), dtype=bool)
+        self.scales_ = {name: _positive(np.quantile(s[base], 1 - cfg.alpha)) for name, s in train.items()
                         if name in ("global", "local")}
         heldout = X_heldout if cfg.threshold == "calibrated" and X_heldout is not None and len(X_heldout) else None
         held = self._primary_of(self._raw_scores(self._forward(heldout, maps=False))) if heldout is not None else None
         self.limit_ = self._limit(self._primary_of(train), held)
         self.threshold_ = self.limit_.threshold
         return self
+
+    def _fit_local(self, raw: _Raw) -> tuple[LocalHotelling | LocalNearest, np.ndarray]:
+        """The local statistics of the training normals' feature maps, and those normals' own local T2 maps
+        (under `nearest`, each bank image's own codes left out of its search, as for a new normal)."""
+        cfg, features = self.config, raw.features
+        if cfg.local_stats != "nearest":
+            local = LocalHotelling.fit(features, per_position=cfg.local_stats == "per_position", topk=cfg.local_topk)
+            return local, local.t2_map(features)
+        # The bank: at most local_bank of the normals that T2's trim keeps, so that a defect hidden among the
+        # presumed normals, once suspected, is nobody's nearest normal.
+        t2 = self.hotelling_.t2(raw.codes)
+        keep = np.flatnonzero(t2 <= np.quantile(t2, 1 - self.t2_trim_)) if self.t2_trim_ > 0 else np.arange(len(t2))
+        pick = np.sort(np.random.default_rng(cfg.seed).choice(keep, min(cfg.local_bank, len(keep)), replace=False))
+        local = LocalNearest.fit(features[pick], reach=cfg.local_reach, topk=cfg.local_topk)
+        own = np.full(len(features), -1)
+        own[pick] = np.arange(len(pick))
+        return local, local.t2_map(features, own=own)
 
     def _split_normals(self, y: np.ndarray, known: np.ndarray, rng: np.random.Generator
                        ) -> tuple[np.ndarray, np.ndarray]:

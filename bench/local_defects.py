@@ -48,7 +48,10 @@ METHODS = {"aae": {}, "aae_global": {"local_depth": 0}, "patch": {"family": "pat
            "vae": {"family": "vae"}, "deepsad": {"family": "deepsad"}, "egbad": {"family": "egbad"},
            "anogan": {"family": "anogan"},
            # textures look alike everywhere: one Gaussian shared by every position (surfaces only)
-           "aae_shared": {"local_stats": "shared"}, "patch_shared": {"family": "patch", "local_stats": "shared"}}
+           "aae_shared": {"local_stats": "shared"}, "patch_shared": {"family": "patch", "local_stats": "shared"},
+           # parts that move a little: the distance to the nearest normal code within a cell (scoring.LocalNearest)
+           "aae_nearest": {"local_stats": "nearest"}, "aae_nearest_local": {"local_stats": "nearest", "score": "local"},
+           "patch_nearest": {"family": "patch", "local_stats": "nearest"}}
 SURFACE_ONLY = {"aae_shared", "patch_shared"}
 FMNIST_METHODS = ["aae", "aae_global"]  # the new default against today's global T2 AAE
 COSTLY = {"egbad", "anogan"}  # one seed: AnoGAN's latent search costs ~20 ms an image
@@ -140,6 +143,7 @@ def aggregate(cells: list[dict]) -> list[dict]:
     rows = []
     for (name, method, score), cs in groups.items():
         row = {"dataset": name, "method": method, "score": score, "seeds": sorted(c["seed"] for c in cs),
+               "cpu": ", ".join(sorted({_cpu(c["machine"]) for c in cs})),
                "seconds": float(np.median([c["seconds"] for c in cs]))}
         for m in METRICS:
             vals = [c[m] for c in cs if m in c and c[m] is not None and np.isfinite(c[m])]
@@ -150,6 +154,10 @@ def aggregate(cells: list[dict]) -> list[dict]:
     return rows
 
 
+def _cpu(machine: str) -> str:
+    return machine.removeprefix("vm: ").split(" Processor")[0].split(",")[0].replace("(R)", "")
+
+
 def _f(x: float | None, std: float | None = None) -> str:
     if x is None:
         return "—"
@@ -158,19 +166,21 @@ def _f(x: float | None, std: float | None = None) -> str:
 
 def markdown(doc: dict) -> str:
     lines = ["# Local defects: image AUROC, pixel AUROC, AUPRO (issue 14)", "",
-             f"Machine: {doc['machine']}. Commit: {doc['commit']}. Epochs per trained family: {doc['epochs']} "
+             "Machines: " + "; ".join(sorted({c["machine"] for c in doc["cells"]})) + " (each row names its CPU). "
+             "Commits: " + ", ".join(sorted({c["commit"] for c in doc["cells"]})) + ". "
+             f"Epochs per trained family: {doc['epochs']} "
              f"(Fashion-MNIST: {doc.get('fmnist_epochs')}). Produced by `make bench-local`.",
              "Defects are synthetic on every data set: on the synthetic joints, and drawn by aae_ray.data.surfaces "
              "on crops of real photographs (scikit-image's brick, grass, gravel). TPR/FPR at the calibrated "
              "threshold (alpha 0.01). Mean ± std over the seeds listed.", "",
-             "| dataset | method | score | image AUROC | pixel AUROC | AUPRO | TPR | FPR | seeds | s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| dataset | method | score | image AUROC | pixel AUROC | AUPRO | TPR | FPR | seeds | s | cpu |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(doc["rows"], key=lambda r: (DATASETS.index(r["dataset"]) if r["dataset"] in DATASETS else 99,
                                                  list(METHODS).index(r["method"]), r["score"])):
         image = _f(r["image_auroc"], r.get("image_auroc_std"))
         cols = [r["dataset"], r["method"], r["score"], image, _f(r["pixel_auroc"]), _f(r["aupro"]),
                 _f(r["tpr_at_threshold"]), _f(r["fpr_at_threshold"]), ",".join(map(str, r["seeds"])),
-                f"{r['seconds']:.0f}"]
+                f"{r['seconds']:.0f}", r["cpu"]]
         lines.append("| " + " | ".join(cols) + " |")
     fm = [r for r in doc["rows"] if r["dataset"].startswith("fmnist") and r["score"] in ("combined", "global")]
     for method in FMNIST_METHODS:
@@ -216,7 +226,7 @@ def main() -> None:
             cache.clear()
             cache[name] = dataset(name, seed)
         rows = run_cell(name, method, seed, cache[name], epochs_of[name], args.threads)
-        record(path, rows, meta)
+        record(path, [{**r, "machine": meta["machine"], "commit": COMMIT} for r in rows], meta)
         print(f"[{i}/{len(todo)}] " + "  ".join(
             f"{r['dataset']} {r['method']}/{r['score']} seed {r['seed']}: image {r['image_auroc']:.3f}"
             + (f" pixel {r['pixel_auroc']:.3f} aupro {r['aupro']:.3f}" if "pixel_auroc" in r else "")

@@ -63,6 +63,33 @@ def test_shared_statistics_fit_one_gaussian_for_every_position(solder):
     assert det.local_.mean.shape == (1, 16) and det.local_.shape == (8, 8)
 
 
+def test_nearest_statistics_keep_a_bank_of_normals_and_round_trip_with_identical_scores(solder, tmp_path):
+    det = Detector(patch_config(local_stats="nearest", local_bank=50, local_reach=1)).fit(solder.normals)
+    assert det.local_.bank.shape == (50, 64, 13, 13)  # 8x8 patches every 2 pixels of 32: 13 x 13 positions
+    back = artifacts.load(artifacts.save(det, tmp_path / "m", {"round": 0}))
+    a, b = det.score(solder.X[:30]), back.score(solder.X[:30])
+    for field in ("score", "t2_local", "p_value", "maps"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+
+
+def test_nearest_patches_separate_the_small_defects_better_than_one_gaussian_a_position(solder):
+    X, y = solder.test
+    got = {stats: auroc(y, Detector(patch_config(local_stats=stats)).fit(solder.normals).score_samples(X))
+           for stats in ("per_position", "nearest")}
+    assert got["nearest"] > got["per_position"] + 0.01, got
+
+
+def test_the_combined_scales_come_from_the_known_normals_not_a_defect_hidden_among_the_presumed(solder):
+    """Defects planted among the presumed normals (y = 0, not known) would set the local score's scale."""
+    normals, defects = solder.normals, solder.X[solder.fit_mask & (solder.truth == 1)]
+    X = np.concatenate([normals, defects])
+    known = np.r_[np.ones(len(normals), bool), np.zeros(len(defects), bool)]
+    det = Detector(patch_config(score="combined", calibration_fraction=0, t2_trim=0)).fit(X, known=known)
+    local = det.score(X, maps=False).t2_local
+    assert det.scales_["local"] == pytest.approx(np.quantile(local[known], 0.99))
+    assert det.scales_["local"] < np.quantile(local, 0.99)
+
+
 def test_patch_artifact_round_trips_with_identical_scores(patch_fit, solder, tmp_path):
     artifacts.save(patch_fit, tmp_path / "m", {"round": 0})
     back = artifacts.load(tmp_path / "m")

@@ -10,6 +10,7 @@ from scipy import stats
 from aae_ray.scoring import (
     Hotelling,
     LocalHotelling,
+    LocalNearest,
     ScoreLimit,
     auprc,
     auroc,
@@ -319,6 +320,41 @@ def test_local_image_score_is_the_max_or_the_top_k_mean():
 
 def test_local_t2_refuses_a_map_of_another_shape():
     loc = LocalHotelling.fit(np.random.default_rng(0).normal(size=(50, 2, 3, 3)), per_position=True)
+    with pytest.raises(ValueError, match="does not match"):
+        loc.t2_map(np.zeros((2, 2, 4, 4)))
+
+
+def test_nearest_is_the_squared_distance_to_the_closest_bank_code_within_reach():
+    rng = np.random.default_rng(3)
+    bank = rng.normal(size=(30, 4, 6, 6))
+    query = bank[[5]].copy()
+    query[0, :, 2, 2] += np.array([3.0, 0.0, 0.0, 0.0])
+    want = ((bank[:, :, 1:4, 1:4] - query[0, :, 2, 2][None, :, None, None]) ** 2).sum(1).min()
+    got = LocalNearest.fit(bank, reach=1).t2_map(query)
+    np.testing.assert_allclose(got[0, 2, 2], want, rtol=1e-4)
+    assert got[0, 0, 0] == pytest.approx(0.0, abs=1e-4)  # image 5 itself is in the bank
+
+
+def test_nearest_forgives_a_part_that_moved_within_its_reach_and_not_beyond():
+    rng = np.random.default_rng(4)
+    bank = rng.normal(size=(20, 3, 8, 8))
+    moved = np.roll(bank[[0]], shift=1, axis=3)  # every code one cell to the right
+    for reach, forgiven in ((0, False), (1, True)):
+        t2 = LocalNearest.fit(bank, reach=reach).t2_map(moved)[0, :, 1:]  # column 0 wrapped round
+        assert bool(t2.max() < 1e-3) == forgiven
+
+
+def test_nearest_leaves_an_image_out_of_its_own_search():
+    bank = np.random.default_rng(5).normal(size=(10, 2, 3, 3))
+    loc = LocalNearest.fit(bank, reach=0)
+    own = loc.t2_map(bank, own=np.arange(10))
+    others = np.stack([LocalNearest.fit(np.delete(bank, i, 0), reach=0).t2_map(bank[[i]])[0] for i in range(10)])
+    np.testing.assert_allclose(own, others, rtol=1e-4, atol=1e-5)
+    assert loc.t2_map(bank).max() < 1e-4 < own.min()
+
+
+def test_nearest_refuses_a_map_of_another_shape():
+    loc = LocalNearest.fit(np.zeros((4, 2, 3, 3)), reach=1)
     with pytest.raises(ValueError, match="does not match"):
         loc.t2_map(np.zeros((2, 2, 4, 4)))
 
