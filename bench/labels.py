@@ -83,7 +83,7 @@ def false_alarm_cell(cell: str, epochs: int, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ws = workspace(cell, Path(tmp) / "ws", seed)
         t0 = time.perf_counter()
-        m = train_round(ws, AAEConfig(epochs=epochs, seed=seed, num_threads=2), echo=lambda _: None)
+        m = train_round(ws, AAEConfig(epochs=epochs, seed=seed, num_threads=1), echo=lambda _: None)
     test = m.get("test") or {}
     return {"cell": cell, "seed": seed, "epochs": epochs, "fpr": test.get("fpr"), "tpr": test.get("tpr"),
             "test_auroc": m.get("test_auroc"), "threshold": m["threshold"], "threshold_basis": m["threshold_basis"],
