@@ -207,8 +207,8 @@ class Detector:
         if cfg.local_stats != "nearest":
             local = LocalHotelling.fit(features, per_position=cfg.local_stats == "per_position", topk=cfg.local_topk)
             return local, local.t2_map(features)
-        # The bank: at most local_bank of the normals that T2's trim keeps, so that a defect hidden among the
-        # presumed normals, once suspected, is nobody's nearest normal.
+        # The bank: at most local_bank of the normals below the (1 - trim) quantile of the trimmed T2, so that a
+        # defect hidden among the presumed normals, once suspected, is nobody's nearest normal.
         t2 = self.hotelling_.t2(raw.codes)
         keep = np.flatnonzero(t2 <= np.quantile(t2, 1 - self.t2_trim_)) if self.t2_trim_ > 0 else np.arange(len(t2))
         pick = np.sort(np.random.default_rng(cfg.seed).choice(keep, min(cfg.local_bank, len(keep)), replace=False))

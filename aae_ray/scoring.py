@@ -226,12 +226,7 @@ class LocalNearest:
         if f.ndim != 4 or f.shape[1:] != self.bank.shape[1:]:
             raise ValueError(f"feature map {f.shape[1:]} does not match the bank's {self.bank.shape[1:]}")
         n, d, h, w = f.shape
-        r, m = self.reach, len(self.bank)
-        # Off-map neighbours: a code far beyond any real one, so they are never the nearest.
-        padded = np.pad(self.bank, ((0, 0), (0, 0), (r, r), (r, r)), constant_values=FAR)
-        shifted = [padded[:, :, r + dy : r + dy + h, r + dx : r + dx + w].reshape(m, d, h * w).transpose(2, 1, 0)
-                   for dy in range(-r, r + 1) for dx in range(-r, r + 1)]  # each (L, d, M)
-        sq = [np.einsum("ldm,ldm->lm", b, b)[:, None, :] for b in shifted]
+        shifted, sq = self._shifted
         out = np.empty((h * w, n), dtype=np.float32)
         for i in range(0, n, NEAREST_CHUNK):
             q = np.ascontiguousarray(f[i : i + NEAREST_CHUNK].reshape(-1, d, h * w).transpose(2, 0, 1))  # (L, c, d)
@@ -245,6 +240,19 @@ class LocalNearest:
                 np.minimum(best, dist.min(2), out=best)
             out[:, i : i + len(q[0])] = best
         return np.maximum(out, 0).T.reshape(n, h, w).astype(np.float64)
+
+    @cached_property
+    def _shifted(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The bank laid out once for the search (scoring's hot loop): for each offset within reach, its codes
+        as (L, d, M) and their squared norms as (L, 1, M); (2 reach + 1)^2 copies of the bank in memory."""
+        m, d, h, w = self.bank.shape
+        r = self.reach
+        # Off-map neighbours: a code far beyond any real one, so they are never the nearest.
+        padded = np.pad(self.bank, ((0, 0), (0, 0), (r, r), (r, r)), constant_values=FAR)
+        shifted = [np.ascontiguousarray(padded[:, :, r + dy : r + dy + h, r + dx : r + dx + w]
+                                        .reshape(m, d, h * w).transpose(2, 1, 0))
+                   for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+        return shifted, [np.einsum("ldm,ldm->lm", b, b)[:, None, :] for b in shifted]
 
     def image_score(self, t2_map: np.ndarray) -> np.ndarray:
         return top_k_mean(t2_map, self.topk)
