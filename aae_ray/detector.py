@@ -185,7 +185,7 @@ class Detector:
         self.hotelling_ = Hotelling.fit(raw.codes, alpha=cfg.alpha, trim=self.t2_trim_)
         self.local_ = None
         if raw.features is not None:
-            self.local_, train_map = self._fit_local(raw)
+            self.local_, train_map = self._fit_local(raw, known)
             raw = replace(raw, t2_local=self.local_.image_score(train_map))
         train = self._raw_scores(raw)
         # Each scale is a (1 - alpha) quantile of the training normals' scores: of those known to be good where
@@ -200,22 +200,32 @@ class Detector:
         self.threshold_ = self.limit_.threshold
         return self
 
-    def _fit_local(self, raw: _Raw) -> tuple[LocalHotelling | LocalNearest, np.ndarray]:
+    def _fit_local(self, raw: _Raw, known: np.ndarray) -> tuple[LocalHotelling | LocalNearest, np.ndarray]:
         """The local statistics of the training normals' feature maps, and those normals' own local T2 maps
         (under `nearest`, each bank image's own codes left out of its search, as for a new normal)."""
         cfg, features = self.config, raw.features
         if cfg.local_stats != "nearest":
             local = LocalHotelling.fit(features, per_position=cfg.local_stats == "per_position", topk=cfg.local_topk)
             return local, local.t2_map(features)
-        # The bank: at most local_bank of the normals below the (1 - trim) quantile of the trimmed T2, so that a
-        # defect hidden among the presumed normals, once suspected, is nobody's nearest normal.
-        t2 = self.hotelling_.t2(raw.codes)
-        keep = np.flatnonzero(t2 <= np.quantile(t2, 1 - self.t2_trim_)) if self.t2_trim_ > 0 else np.arange(len(t2))
-        pick = np.sort(np.random.default_rng(cfg.seed).choice(keep, min(cfg.local_bank, len(keep)), replace=False))
+        pick = self._bank(raw.codes, known)
         local = LocalNearest.fit(features[pick], reach=cfg.local_reach, topk=cfg.local_topk)
         own = np.full(len(features), -1)
         own[pick] = np.arange(len(pick))
         return local, local.t2_map(features, own=own)
+
+    def _bank(self, codes: np.ndarray, known: np.ndarray) -> np.ndarray:
+        """Which training normals lend their codes to the nearest-normal search: up to `local_bank` of those
+        below the (1 - trim) quantile of the trimmed T2, the known-good ones first, topped up at random with
+        presumed ones. A defect hidden among the presumed normals that sits in the bank is some defect's
+        nearest normal and hides its kind; T2's trim, ranked by the global code, misses the small ones."""
+        cfg = self.config
+        t2 = self.hotelling_.t2(codes)
+        below = t2 <= np.quantile(t2, 1 - self.t2_trim_) if self.t2_trim_ > 0 else np.ones(len(t2), dtype=bool)
+        rng = np.random.default_rng(cfg.seed)
+        good, presumed = np.flatnonzero(below & known), np.flatnonzero(below & ~known)
+        pick = rng.choice(good, min(cfg.local_bank, len(good)), replace=False)
+        top_up = rng.choice(presumed, min(cfg.local_bank - len(pick), len(presumed)), replace=False)
+        return np.sort(np.concatenate([pick, top_up]).astype(int))
 
     def _split_normals(self, y: np.ndarray, known: np.ndarray, rng: np.random.Generator
                        ) -> tuple[np.ndarray, np.ndarray]:

@@ -79,6 +79,23 @@ def test_nearest_patches_separate_the_small_defects_better_than_one_gaussian_a_p
     assert got["nearest"] > got["per_position"] + 0.01, got
 
 
+def test_the_nearest_bank_takes_known_normals_first_and_tops_up_with_presumed_ones(solder):
+    """A defect hidden among the presumed normals must not become some defect's nearest normal: with enough known
+    normals the bank holds no presumed image; with too few it holds every known one, then presumed ones."""
+    normals, defects = solder.normals, solder.X[solder.fit_mask & (solder.truth == 1)]
+    X = np.concatenate([normals, defects])
+    presumed = np.r_[np.zeros(len(normals), bool), np.ones(len(defects), bool)]
+    presumed[:40] = True  # some normals are presumed too
+    for bank_size, known_in_bank in ((50, 50), (len(normals), len(normals) - 40)):
+        cfg = patch_config(local_stats="nearest", local_bank=bank_size, calibration_fraction=0, t2_trim=0)
+        det = Detector(cfg).fit(X, known=~presumed)
+        patches = det.model_.patches(torch.from_numpy(X)).numpy()
+        rows = {r.tobytes(): i for i, r in enumerate(patches)}
+        in_bank = np.array([rows[b.tobytes()] for b in det.local_.bank])
+        assert len(in_bank) == bank_size and len(set(in_bank)) == bank_size
+        assert (~presumed[in_bank]).sum() == known_in_bank, bank_size
+
+
 def test_the_combined_scales_come_from_the_known_normals_not_a_defect_hidden_among_the_presumed(solder):
     """Defects planted among the presumed normals (y = 0, not known) would set the local score's scale."""
     normals, defects = solder.normals, solder.X[solder.fit_mask & (solder.truth == 1)]
