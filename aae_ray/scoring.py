@@ -226,33 +226,38 @@ class LocalNearest:
         if f.ndim != 4 or f.shape[1:] != self.bank.shape[1:]:
             raise ValueError(f"feature map {f.shape[1:]} does not match the bank's {self.bank.shape[1:]}")
         n, d, h, w = f.shape
-        shifted, sq = self._shifted
         out = np.empty((h * w, n), dtype=np.float32)
         for i in range(0, n, NEAREST_CHUNK):
-            q = np.ascontiguousarray(f[i : i + NEAREST_CHUNK].reshape(-1, d, h * w).transpose(2, 0, 1))  # (L, c, d)
-            qq = np.einsum("lcd,lcd->lc", q, q)[:, :, None]
-            best = np.full(q.shape[:2], np.inf, dtype=np.float32)
-            for b, bb in zip(shifted, sq, strict=True):
-                dist = qq + bb - 2 * (q @ b)  # (L, c, M)
-                if own is not None:
-                    rows = np.flatnonzero(own[i : i + NEAREST_CHUNK] >= 0)
-                    dist[:, rows, own[i : i + NEAREST_CHUNK][rows]] = np.inf
-                np.minimum(best, dist.min(2), out=best)
-            out[:, i : i + len(q[0])] = best
+            q = f[i : i + NEAREST_CHUNK].reshape(-1, d, h * w).transpose(2, 0, 1)  # (L, c, d)
+            c = q.shape[1]
+            # |q - b|^2 = |q|^2 + (|b|^2 - 2 q.b): the bracket is one matmul of [q, 1] with the bank's [-2 b; |b|^2]
+            # (_shifted), and |q|^2 is the same for every candidate, so it is added after the minimum.
+            qa = np.ones((h * w, c, d + 1), dtype=np.float32)
+            qa[:, :, :d] = q
+            rows = None if own is None else np.flatnonzero(own[i : i + c] >= 0)
+            best = np.full((h * w, c), np.inf, dtype=np.float32)
+            for b in self._shifted:
+                part = qa @ b  # (L, c, M)
+                if rows is not None and len(rows):
+                    part[:, rows, own[i : i + c][rows]] = np.inf
+                np.minimum(best, part.min(2), out=best)
+            out[:, i : i + c] = best + np.einsum("lcd,lcd->lc", q, q)
         return np.maximum(out, 0).T.reshape(n, h, w).astype(np.float64)
 
     @cached_property
-    def _shifted(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def _shifted(self) -> list[np.ndarray]:
         """The bank laid out once for the search (scoring's hot loop): for each offset within reach, its codes
-        as (L, d, M) and their squared norms as (L, 1, M); (2 reach + 1)^2 copies of the bank in memory."""
+        as (L, d + 1, M), -2 b stacked over |b|^2; (2 reach + 1)^2 copies of the bank in memory."""
         m, d, h, w = self.bank.shape
         r = self.reach
         # Off-map neighbours: a code far beyond any real one, so they are never the nearest.
         padded = np.pad(self.bank, ((0, 0), (0, 0), (r, r), (r, r)), constant_values=FAR)
-        shifted = [np.ascontiguousarray(padded[:, :, r + dy : r + dy + h, r + dx : r + dx + w]
-                                        .reshape(m, d, h * w).transpose(2, 1, 0))
-                   for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
-        return shifted, [np.einsum("ldm,ldm->lm", b, b)[:, None, :] for b in shifted]
+        out = []
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                b = padded[:, :, r + dy : r + dy + h, r + dx : r + dx + w].reshape(m, d, h * w).transpose(2, 1, 0)
+                out.append(np.ascontiguousarray(np.concatenate([-2 * b, np.einsum("ldm,ldm->lm", b, b)[:, None]], 1)))
+        return out
 
     def image_score(self, t2_map: np.ndarray) -> np.ndarray:
         return top_k_mean(t2_map, self.topk)
