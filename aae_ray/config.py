@@ -61,8 +61,16 @@ class AAEConfig(BaseModel):
     adv_weight: float = Field(1.0, ge=0, le=100)
     disc_steps: int = Field(2, ge=1, le=10)  # a stronger discriminator fits the prior better (ENVIRONMENT.md)
     weight_decay: float = Field(0.0, ge=0, le=1e-1)
-    anomaly_ratio: float = Field(0.0, ge=0, lt=0.5)  # confirmed defects as a fraction of the training set
-    defect_loss: Literal["none", "push"] = "none"  # "push": drive labeled defects' T2 up (Deep SAD-style)
+    # Confirmed defects in training. anomaly_ratio: the share of the training set they make up (repeated or
+    # subsampled to it; 0: none of them; "all": each once). defect_loss "push" (Deep SAD-style, Ruff et al.
+    # 2020): they are not reconstructed, and their global code is pushed away from the prior's centre, so their
+    # T2 is driven up. With push, labels raise the Deep SAD protocol's AUROC on the labeled kind and on unseen
+    # ones (bench/results/labels.md, deepsad_gain). "none" is the source research's mixing, defects trained as
+    # normals: give it a small share (0.005 was best on its solder joints; on Fashion-MNIST mixing lowered AUROC,
+    # bench/results/fmnist_methods.md), since "all" would then train every confirmed defect as a normal image.
+    # A family that cannot treat defects apart (VAE, EGBAD, AnoGAN) gets none of them under "all".
+    anomaly_ratio: float | Literal["all"] = "all"
+    defect_loss: Literal["none", "push"] = "push"
     push_weight: float = Field(1.0, ge=0, le=100)
     # Deep SAD (Ruff et al. 2020): weight of the labeled defects' inverse-distance term (eta in eq. 4), the
     # autoencoder pretraining epochs, counted within `epochs` (at least one Deep SAD epoch always runs), and the
@@ -94,6 +102,8 @@ class AAEConfig(BaseModel):
     def _fits_input(self) -> AAEConfig:
         if self.t2_trim != "auto" and not 0 <= self.t2_trim < 0.5:
             raise ValueError(f"t2_trim must be auto or a share in [0, 0.5), got {self.t2_trim}")
+        if self.anomaly_ratio != "all" and not 0 <= self.anomaly_ratio < 0.5:
+            raise ValueError(f"anomaly_ratio must be all or a share in [0, 0.5), got {self.anomaly_ratio}")
         if self.input_size >> self.conv_blocks < 1:
             msg = f"conv_blocks={self.conv_blocks} halves input_size={self.input_size} below 1 pixel"
             raise ValueError(msg)

@@ -115,7 +115,8 @@ class Detector:
         if len(train_idx) <= self.model_.code_dim + 1:
             raise ValueError(f"need more than latent_dim + 1 = {self.model_.code_dim + 1} normal training images, "
                              f"got {len(train_idx)}")
-        mixed = defect_idx[mix_defects(len(train_idx), len(defect_idx), cfg.anomaly_ratio, rng)]
+        ratio = 0 if cfg.anomaly_ratio == "all" and not self.model_.learns_from_defects else cfg.anomaly_ratio
+        mixed = defect_idx[mix_defects(len(train_idx), len(defect_idx), ratio, rng)]
         x = torch.from_numpy(np.concatenate([X[train_idx], X[mixed]]))
         defect = torch.zeros(len(x), dtype=torch.bool)
         defect[len(train_idx):] = True

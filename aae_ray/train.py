@@ -77,12 +77,15 @@ def build_model(cfg: AAEConfig) -> nn.Module:
 
 
 def mix_defects(
-    n_normal: int, n_defect: int, anomaly_ratio: float, rng: np.random.Generator
+    n_normal: int, n_defect: int, anomaly_ratio: float | str, rng: np.random.Generator
 ) -> np.ndarray:
-    """Indices into the confirmed defects so that they make up `anomaly_ratio` of the training set.
+    """Indices into the confirmed defects so that they make up `anomaly_ratio` of the training set ("all":
+    each of them once).
 
     The source research mixes a few defects into training (0.5% was best). With fewer confirmed defects
     than the ratio asks for, they are repeated; with more, a random subset is taken."""
+    if anomaly_ratio == "all":
+        return np.arange(n_defect, dtype=np.int64)
     if anomaly_ratio == 0 or n_defect == 0:
         return np.empty(0, dtype=np.int64)
     want = max(1, round(anomaly_ratio * n_normal / (1 - anomaly_ratio)))

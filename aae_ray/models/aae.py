@@ -61,6 +61,10 @@ class AdversarialAutoencoder(FamilyModel):
     adversarial = True
     native_score = False
 
+    @property
+    def learns_from_defects(self) -> bool:
+        return self.cfg.defect_loss == "push"
+
     def __init__(self, cfg: AAEConfig):
         super().__init__()
         self.cfg = cfg

@@ -14,6 +14,10 @@ from aae_ray.models.base import FamilyModel, Inference, per_image_mse, step
 
 class Autoencoder(FamilyModel):
 
+    @property
+    def learns_from_defects(self) -> bool:
+        return self.cfg.defect_loss == "push"
+
     def __init__(self, cfg: AAEConfig):
         super().__init__()
         self.cfg = cfg

@@ -44,6 +44,12 @@ class FamilyModel(nn.Module):
         return "native" if self.native_score else "global"
 
     @property
+    def learns_from_defects(self) -> bool:
+        """Whether training treats confirmed defects apart from normals (anomaly_ratio "all" trains them only then:
+        a family that would reconstruct them as normals gets none)."""
+        return False
+
+    @property
     def has_local(self) -> bool:
         """Whether `inference` gives a local feature map."""
         return False

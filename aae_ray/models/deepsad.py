@@ -25,6 +25,10 @@ EPS_C = 0.1  # the smallest magnitude of a centre entry (ibid.)
 
 
 class DeepSAD(FamilyModel):
+    @property
+    def learns_from_defects(self) -> bool:
+        return True  # eta's inverse-distance term
+
     def __init__(self, cfg: AAEConfig):
         super().__init__()
         self.cfg = cfg

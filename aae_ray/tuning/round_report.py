@@ -24,7 +24,7 @@ from aae_ray.workspace import Workspace
 
 
 def write_report(ws: Workspace, round_no: int, spec: TuneSpec, trial_values: list[float | None],
-                 study_storage: str, study_name: str, sweep: dict[float, Path]) -> Path:
+                 study_storage: str, study_name: str, sweep: dict[float | str, Path]) -> Path:
     out = ws.round_dir(round_no) / "report"
     out.mkdir(parents=True, exist_ok=True)
     det = artifacts.load(ws.model_dir(round_no))
@@ -36,8 +36,8 @@ def write_report(ws: Workspace, round_no: int, spec: TuneSpec, trial_values: lis
     if sweep:
         shown = "test" if "test" in two_class else "val" if "val" in two_class else None
         if shown is not None:
-            curves = {f"anomaly ratio {r:g}": (two_class[shown].y, _t2(artifacts.load(p), two_class[shown]))
-                      for r, p in sorted(sweep.items())}
+            curves = {f"anomaly ratio {r}": (two_class[shown].y, _t2(artifacts.load(p), two_class[shown]))
+                      for r, p in sorted(sweep.items(), key=lambda kv: _ratio_order(kv[0]))}
             report.roc_curves(curves, out / "roc_anomaly_ratio.png",
                               f"Best architecture at each anomaly ratio ({shown} split)")
     hist_split = "test" if "test" in two_class else "val" if "val" in two_class else None
@@ -64,3 +64,8 @@ def _both_classes(a: Arrays) -> bool:
 
 def _t2(det: Detector, a: Arrays) -> np.ndarray:
     return det.score_samples(a.X)
+
+
+def _ratio_order(ratio: float | str) -> tuple[int, float]:
+    """Shares in increasing order, then "all" (every confirmed defect once)."""
+    return (1, 0.0) if ratio == "all" else (0, float(ratio))

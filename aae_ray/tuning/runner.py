@@ -264,7 +264,7 @@ def export_best(ws: Workspace, outcome: TuneOutcome, data: TrialData, spec: Tune
 
 
 def sweep_anomaly_ratio(ws: Workspace, spec: TuneSpec, outcome: TuneOutcome, trainable, n_confirmed: int,
-                        echo: Echo) -> dict[float, Path]:
+                        echo: Echo) -> dict[float | str, Path]:
     """Retrain the best config at every anomaly_ratio the space offers; {ratio: artifact folder}.
 
     Skipped (empty) when anomaly_ratio is not a searched choice, or when there are no confirmed defects to mix
@@ -277,10 +277,11 @@ def sweep_anomaly_ratio(ws: Workspace, spec: TuneSpec, outcome: TuneOutcome, tra
         echo("anomaly-ratio sweep skipped: no confirmed defects to mix in, every ratio trains the same model")
         return {}
     base = {**spec.base_config(), **best.params}
-    ratios_left = sorted({float(r) for r in dim.choice} - {float(best.params["anomaly_ratio"])})
+    chosen = best.params["anomaly_ratio"]
+    ratios_left = [r for r in dict.fromkeys(dim.choice) if r != chosen]  # a share, or "all"
     if not ratios_left:
         return {}
-    echo(f"anomaly-ratio sweep: best config at anomaly_ratio {', '.join(f'{r:g}' for r in ratios_left)}")
+    echo(f"anomaly-ratio sweep: best config at anomaly_ratio {', '.join(str(r) for r in ratios_left)}")
     folder = (ws.round_dir(outcome.round_no) / "sweep").absolute()
     if folder.exists():
         shutil.rmtree(folder)
@@ -291,10 +292,10 @@ def sweep_anomaly_ratio(ws: Workspace, spec: TuneSpec, outcome: TuneOutcome, tra
         run_config=tune.RunConfig(name="sweep", storage_path=str(folder.parent), storage_filesystem=STORAGE,
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
     ).fit()
-    out = {float(best.params["anomaly_ratio"]): best.checkpoint}
+    out = {chosen: best.checkpoint}
     for result in grid:
         if result.error is None and result.checkpoint is not None:
-            out[float(result.config["anomaly_ratio"])] = Path(result.checkpoint.path)
+            out[result.config["anomaly_ratio"]] = Path(result.checkpoint.path)
     return out  # type: ignore[return-value]
 
 
