@@ -120,18 +120,17 @@ def gain_cell(k: int, seed: int, epochs: int, data: tuple) -> dict:
     out = {"class": k, "seed": seed, "epochs": epochs, "labeled_class": sp.labeled_class,
            "true_pollution": len(sp.pool_anomaly) / n_unlabeled, "train_seconds": {}, "ratios": {}}
     cfg = AAEConfig(epochs=epochs, seed=seed, num_threads=1)
-    trained = {}
+    scored = {}
     for name, ratio in GAIN_RATIOS.items():
         t0 = time.perf_counter()
         X, yy, known = arrays(ratio)
-        trained[name] = Detector(cfg).fit(X, yy, known=known, X_calibration=X_cal)
+        scored[name] = (Detector(cfg).fit(X, yy, known=known, X_calibration=X_cal), yy)
         out["train_seconds"][name] = time.perf_counter() - t0
-    variants = {name: (det, None, {}) for name, det in trained.items()}
-    variants["stats_only"] = (trained["0"], 0.05, {})
-    variants["fixed0"] = (trained["0"], 0.0, {"t2_trim": 0.0})
-    for name, (det, ratio, change) in variants.items():
-        X, yy, known = arrays(GAIN_RATIOS.get(name, ratio))
-        d = det if ratio is None else det.rescored(X, yy, known, X_calibration=X_cal, **change)
+    base = scored["0"][0]
+    for name, ratio, change in (("stats_only", 0.05, {}), ("fixed0", 0.0, {"t2_trim": 0.0})):
+        X, yy, known = arrays(ratio)
+        scored[name] = (base.rescored(X, yy, known, X_calibration=X_cal, **change), yy)
+    for name, (d, yy) in scored.items():
         s = d.score(xt, maps=False)
         c = d.contamination_
         out["ratios"][name] = {

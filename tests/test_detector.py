@@ -206,7 +206,6 @@ def test_confirmed_defects_are_mixed_in_at_the_anomaly_ratio(solder):
     assert det.n_defects_mixed_ == len(mix_defects(306, 78, 0.05, np.random.default_rng(0))) == 16
 
 
-
 @pytest.mark.parametrize(("family", "mixed"), [("aae", 78), ("ae", 78), ("deepsad", 78), ("vae", 0)])
 def test_by_default_every_confirmed_defect_trains_once_where_the_family_treats_it_apart(solder, family, mixed):
     """anomaly_ratio "all" (the default): the AAE and AE push each confirmed defect out, Deep SAD's eta term
@@ -215,6 +214,7 @@ def test_by_default_every_confirmed_defect_trains_once_where_the_family_treats_i
     det = Detector(tiny_config(family=family, epochs=1, pretrain_epochs=0, latent_norm=family == "aae")).fit(X, y)
     assert det.config.anomaly_ratio == "all" and det.config.defect_loss == "push"
     assert det.n_defects_mixed_ == mixed
+
 
 # --- what training achieves ---------------------------------------------------------------------------------
 
