@@ -271,8 +271,8 @@ def _read_visible(labels_dir: Path) -> tuple[pa.Table, list[Path], list[Path]]:
         if not live:
             return _EMPTY, [], [p for p in files if p.name in covered]
         table = pa.concat_tables([read[p][0] for p in live])
-        order = pc.sort_indices(table, sort_keys=[("ts", "ascending"), (FRAGMENT, "ascending")])  # stable: rows
-        return table.take(order), live, [p for p in files if p.name in covered]
+        ordered = table.sort_by([("ts", "ascending"), (FRAGMENT, "ascending")])  # stable: rows keep their order
+        return ordered, live, [p for p in files if p.name in covered]
     raise ValueError(f"{labels_dir}: files kept vanishing while reading (is something deleting label files?)")
 
 
@@ -369,16 +369,27 @@ def history(labels_dir: Path, id: str | None = None, limit: int | None = None) -
     return events
 
 
+def csv_bytes(labels_dir: Path) -> bytes:
+    """Every event, oldest first, as CSV with a header (ts in ISO 8601 with +00:00, empty for null)."""
+    return _csv(read_events(labels_dir))
+
+
 def export_csv(labels_dir: Path, path: Path) -> int:
-    """Write every event, oldest first, as CSV with a header (ts in ISO 8601 with +00:00, empty for null);
-    written atomically like a fragment. Returns the number of rows written."""
-    events = _log(labels_dir)
+    """Write `csv_bytes` to `path` atomically, like a fragment. Returns the number of rows written."""
+    table = read_events(labels_dir)
+    data = _csv(table)
+    atomic_write(Path(path), lambda f: f.write(data))
+    return len(table)
+
+
+def _csv(table: pa.Table) -> bytes:
+    # The csv module, not pyarrow's writer: pyarrow quotes every string, the header too, where a quote is needed
+    # only around a comma, a quote or a line break.
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SCHEMA.names, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(_csv_row(e) for e in events)
-    atomic_write(Path(path), lambda f: f.write(buf.getvalue().encode("utf-8")))
-    return len(events)
+    writer.writerows(_csv_row(e) for e in table.to_pylist())
+    return buf.getvalue().encode("utf-8")
 
 
 def _csv_row(e: dict) -> dict:

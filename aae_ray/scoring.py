@@ -1,6 +1,6 @@
 """Hotelling's T2 on latent codes and on feature maps, the one limit type, and the detection metrics.
 
-Pure numpy/scipy: no torch, so Serve and the UI can score codes without the training stack.
+Pure numpy/scipy/scikit-learn: no torch, so Serve and the UI can score codes without the training stack.
 """
 
 from __future__ import annotations
@@ -15,32 +15,15 @@ TRIM_ROUNDS = 3  # refits after trimming; the kept set barely changes after the 
 
 
 def ledoit_wolf(z: np.ndarray) -> tuple[np.ndarray, float]:
-    """Covariance shrunk towards a scaled identity (Ledoit & Wolf 2004), so it is never singular.
+    """Covariance shrunk towards a scaled identity (scikit-learn's Ledoit & Wolf 2004), so it is never singular.
 
     Returns (covariance, shrinkage in [0, 1])."""
-    n, p = z.shape
-    zc = z - z.mean(0)
-    s = zc.T @ zc / n  # (p, p) maximum-likelihood covariance
-    mu = np.trace(s) / p
-    target = mu * np.eye(p)
-    d2 = np.sum((s - target) ** 2)
-    b2 = _b2(zc, s)
-    shrink = float(min(1.0, b2 / d2)) if d2 > 0 else 1.0
-    cov = shrink * target + (1 - shrink) * s
-    if mu == 0:  # every code identical: fall back to the identity so T2 stays defined
-        cov = np.eye(p)
-    return cov, shrink
+    from sklearn.covariance import ledoit_wolf as sk_ledoit_wolf
 
-
-def _b2(zc: np.ndarray, s: np.ndarray) -> float:
-    """How noisy s is as an estimate: the spread of the per-sample outer products around it.
-    Chunked so n * p * p floats never sit in memory at once."""
-    chunk = max(1, 2_000_000 // s.size)
-    total = 0.0
-    for i in range(0, len(zc), chunk):
-        part = zc[i : i + chunk]
-        total += float(np.sum((np.einsum("ni,nj->nij", part, part) - s) ** 2))
-    return total / len(zc) ** 2
+    if not np.ptp(z, axis=0).any():  # every code identical: the identity keeps T2 defined (sklearn gives zeros)
+        return np.eye(z.shape[1]), 1.0
+    cov, shrink = sk_ledoit_wolf(z)
+    return cov, float(shrink)
 
 
 def f_ucl(n: int, p: int, alpha: float) -> float:
@@ -72,7 +55,9 @@ class Hotelling:
     def fit(cls, z: np.ndarray, alpha: float = 0.01, trim: float = 0.0) -> Hotelling:
         """Mean and shrunk covariance of the codes z (n, p). With `trim` > 0 the fit is repeated without the
         `trim` share of highest-T2 codes, so defects hidden among presumed normals do not widen the normal
-        region (a trimmed estimator in the spirit of MCD, Rousseeuw 1984)."""
+        region (a trimmed estimator in the spirit of MCD, Rousseeuw 1984). Not scikit-learn's MinCovDet: its
+        covariance is not shrunk, so it is singular when the codes are many dimensions and the images few, and its
+        kept share is a breakdown point rather than the labeled or estimated defect share asked for here."""
         z = np.asarray(z, dtype=np.float64)
         if z.ndim != 2 or not np.isfinite(z).all():
             raise ValueError(f"expected finite codes of shape (n, p), got shape {z.shape}")
@@ -436,28 +421,30 @@ def _check(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     score = np.asarray(score, dtype=np.float64)
     if y.shape != score.shape or not set(np.unique(y)) <= {0, 1}:
         raise ValueError("labels must be 0/1 and match the scores in shape")
-    return y, score
+    return y, ranked_finite(score)
+
+
+def ranked_finite(score: np.ndarray) -> np.ndarray:
+    """+-inf as the largest and smallest floats: scikit-learn's metrics refuse infinities, and only the order
+    of the scores matters to them (an overflowing T2 is still the most abnormal image)."""
+    big = np.finfo(np.float64).max
+    return np.nan_to_num(score, nan=np.nan, posinf=big, neginf=-big)
 
 
 def auroc(y: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with midranks for ties); NaN without both classes."""
+    """Area under the ROC curve (scikit-learn's); NaN without both classes, where scikit-learn raises."""
+    from sklearn.metrics import roc_auc_score
+
     y, score = _check(y, score)
-    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = stats.rankdata(score)
-    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else float("nan")
 
 
 def auprc(y: np.ndarray, score: np.ndarray) -> float:
-    """Average precision: the mean of precision at each true defect's rank."""
+    """Average precision (scikit-learn's: tied scores share one threshold); NaN without a defect."""
+    from sklearn.metrics import average_precision_score
+
     y, score = _check(y, score)
-    if y.sum() == 0:
-        return float("nan")
-    order = np.argsort(-score, kind="stable")
-    hits = y[order]
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float(precision[hits == 1].mean())
+    return float(average_precision_score(y, score)) if y.sum() > 0 else float("nan")
 
 
 def precision_at_k(y: np.ndarray, score: np.ndarray, k: int) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -305,12 +304,9 @@ def history_panel(ws: Workspace) -> None:
             st.dataframe([{**r, "ts": r["ts"].isoformat(timespec="seconds")} for r in rows], hide_index=True)
         else:
             st.caption("No labels yet.")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "labels.csv"
-            labels.export_csv(ws.labels_dir, path)
-            data = path.read_bytes()
-        st.download_button("Download all labels (CSV)", data, file_name="labels.csv", mime="text/csv",
-                           key="download_csv")
+        # A callable: the CSV is built when the button is clicked, not on every rerun.
+        st.download_button("Download all labels (CSV)", lambda: labels.csv_bytes(ws.labels_dir),
+                           file_name="labels.csv", mime="text/csv", key="download_csv")
 
 
 main()

@@ -384,6 +384,13 @@ def test_metrics_are_nan_without_both_classes(y):
     assert math.isnan(auroc(y, [0.1, 0.2, 0.3]))
 
 
+def test_an_infinite_score_ranks_as_the_most_abnormal():
+    """An overflowing T2 is still an order: the metrics must not refuse it."""
+    assert auroc([0, 1, 0, 1], [1.0, np.inf, -np.inf, 3.0]) == 1.0
+    assert auroc([1, 0], [np.inf, np.inf]) == 0.5
+    assert auprc([0, 1, 1], [2.0, np.inf, 5.0]) == 1.0
+
+
 def test_auprc_hand_case():
     """Ranked: defect, normal, defect, normal -> precision 1/1 and 2/3 at the defects; mean 5/6."""
     assert auprc([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx(5 / 6)

@@ -5,6 +5,10 @@ sound. These PNGs answer that at a glance: how well the T² score separates defe
 (ROC curves, T² histograms against the threshold), which hyper-parameters mattered (importances), and how the search
 progressed (metric by trial).
 
+The importance and trial figures are drawn here rather than by `optuna.visualization.matplotlib`: optuna's trial
+history leaves failed trials out (a NaN loss must stay visible), its importance plot has no empty state, and both go
+through pyplot's global state.
+
 Pure plotting: no Ray, no pyplot. Each figure is an object-oriented matplotlib `Figure` rendered by the Agg canvas
 that `savefig` picks for PNG, so nothing here touches pyplot's global figure list or the process-wide backend, and
 the functions are safe to call from workers and tests alike.
@@ -21,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from aae_ray.scoring import auroc
+from aae_ray.scoring import auroc, ranked_finite
 
 if TYPE_CHECKING:
     import optuna
@@ -46,18 +50,13 @@ def roc_points(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
     Equal scores form one step: a threshold cannot split them, so drawing them one by one would invent
     operating points that depend on the input order. Needs both classes (ValueError otherwise)."""
+    from sklearn.metrics import roc_curve
+
     y, score = _check_labels(y, score)
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if y.min() == y.max():
         raise ValueError("a ROC curve needs both classes")
-    order = np.argsort(-score, kind="stable")
-    s, hits = score[order], y[order]
-    # Last index of each run of equal scores; `!=` rather than np.diff so that runs of inf stay together.
-    ends = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
-    tps = np.cumsum(hits)[ends]
-    fps = ends + 1 - tps
-    return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos]
+    fpr, tpr, _ = roc_curve(y, ranked_finite(score), drop_intermediate=False)  # a point per distinct score
+    return fpr, tpr
 
 
 def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
