@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
                        help="ray: Ray Data actors (large pools); local: this process; auto: by the pool's size")
     score.add_argument("--gpus", type=float, default=0.0, help="GPUs per Ray Data actor (with --engine ray)")
+    score.add_argument("--address", help="score on this Ray cluster with Ray Data, which --engine auto then picks "
+                                         "(every node must see the workspace)")
     score.add_argument("--top", type=int, default=10, help="how many suspects to print")
 
     label = sub.add_parser("label", help="open the Streamlit labeling page on 127.0.0.1")

@@ -3,66 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aae_ray import artifacts
+from aae_ray import artifacts, importing
 from aae_ray.config import load_config
 from aae_ray.labels import current_labels, read_events
 from aae_ray.scoring import describe_basis
 from aae_ray.workflow import score_pool, train_round
 from aae_ray.workspace import Workspace, write_text
 
+if TYPE_CHECKING:
+    from aae_ray.tuning.runner import TuneOutcome
+
 
 def init(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    report: list[dict] = []
     if args.source == "synthetic":
-        from aae_ray.data.synthetic import make_synthetic_records
-
-        print(f"rendering {args.n_normal} normal and {args.n_defect} defect solder joints (seed {args.seed})")
-        records = make_synthetic_records(seed=args.seed, n_normal=args.n_normal, n_defect=args.n_defect,
-                                         size=args.size)
-        source = {"source": "synthetic", "seed": args.seed, "n_normal": args.n_normal,
-                  "n_defect": args.n_defect, "size": args.size}
+        out = importing.synthetic(args.workspace, seed=args.seed, n_normal=args.n_normal, n_defect=args.n_defect,
+                                  size=args.size)
     elif args.source == "fashion-mnist":
-        from aae_ray.data.fashion_mnist import fashion_mnist_records
-
-        if args.normal_class is None:
-            raise ValueError("--source fashion-mnist needs --normal-class K (0-9)")
-        records = fashion_mnist_records(normal_class=args.normal_class, idx_dir=args.idx_dir,
-                                        pollution=args.pollution, labeled_ratio=args.labeled_anomaly_ratio,
-                                        seed=args.seed)
-        source = {"source": "fashion-mnist", "normal_class": args.normal_class, "pollution": args.pollution,
-                  "labeled_anomaly_ratio": args.labeled_anomaly_ratio, "seed": args.seed,
-                  "idx_dir": str(args.idx_dir) if args.idx_dir else None}
+        out = importing.fashion_mnist(args.workspace, normal_class=args.normal_class, pollution=args.pollution,
+                                      labeled_ratio=args.labeled_anomaly_ratio, seed=args.seed, idx_dir=args.idx_dir)
     else:
-        from aae_ray.data.folder import import_folders
-
-        if args.normal is None:
-            raise ValueError("--source folder needs --normal DIR")
-        print(f"reading images under {args.normal}" + (f", {args.defect}" if args.defect else "")
-              + (f", {args.unlabeled}" if args.unlabeled else ""))
-        result = import_folders(normal=args.normal, defect=args.defect, unlabeled=args.unlabeled, mask=args.mask)
-        records = result.records
-        if args.mask:
-            n_mask, n_defect = sum(r.mask is not None for r in records), sum(r.truth == 1 for r in records)
-            print(f"  masks for {n_mask} of {n_defect} defect images from {args.mask}")
-        report = [{"path": s.path, "reason": s.reason} for s in result.skipped]
-        for s in result.skipped:
-            print(f"  skipped {s.path}: {s.reason}")
-        source = {"source": "folder", "normal": str(args.normal.resolve()),
-                  "defect": str(args.defect.resolve()) if args.defect else None,
-                  "unlabeled": str(args.unlabeled.resolve()) if args.unlabeled else None,
-                  "mask": str(args.mask.resolve()) if args.mask else None}
-    ws, added = Workspace.import_records(args.workspace, records, source, report)
-    splits = Counter(r.split for r in records)
-    print(f"{ws.root}: {len(records)} images read, {added} new, {len(report)} skipped; "
-          + ", ".join(f"{k} {v}" for k, v in sorted(splits.items())) + f" ({time.perf_counter() - start:.1f} s)")
+        out = importing.folders(args.workspace, normal=args.normal, defect=args.defect, unlabeled=args.unlabeled,
+                                mask=args.mask)
+    _print_import(out, time.perf_counter() - start)
     return 0
+
+
+def _print_import(out: importing.Imported, seconds: float) -> None:
+    print(f"{out.ws.root}: {out.n_read} images read, {out.n_added} new, {len(out.skipped)} skipped; "
+          + ", ".join(f"{k} {v}" for k, v in sorted(out.splits.items())) + f" ({seconds:.1f} s)")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -95,7 +72,7 @@ def recalibrate(args: argparse.Namespace) -> int:
 
 
 def tune(args: argparse.Namespace) -> int:
-    from aae_ray.tuning.runner import experiment_dir, ranked, run_tune
+    from aae_ray.tuning.runner import experiment_dir, run_tune
 
     ws = Workspace.open(args.workspace)
     if args.resume:
@@ -113,7 +90,14 @@ def tune(args: argparse.Namespace) -> int:
         print(f"interrupted; the experiment in {experiment_dir(ws, round_no)} is resumable: "
               f"aae-ray tune {ws.root} --resume", file=sys.stderr)
         return 130
-    spec = out.spec
+    return _print_tune(ws, out, time.perf_counter() - start)
+
+
+def _print_tune(ws: Workspace, out: TuneOutcome, seconds: float) -> int:
+    """The trials ranked, and the round's summary line; the exit code (130: interrupted, resumable)."""
+    from aae_ray.tuning.runner import ranked
+
+    spec, round_no = out.spec, out.round_no
     print(f"{'trial':>10}  {'status':<10} {spec.metric:>9}  epochs  params")
     for r in ranked(out.rows, spec)[:10]:
         params = " ".join(f"{k}={_short(v)}" for k, v in r.params.items())
@@ -132,7 +116,7 @@ def tune(args: argparse.Namespace) -> int:
     promoted = "promoted" if cur and cur["round"] == round_no else f"not promoted (round {cur['round']} is current)"
     print(f"best config: {m['config']}")
     source = "val" if out.objective_source == "val" else "synthetic corruptions (no labeled defects in val)"
-    print(f"tuned round {round_no} in {time.perf_counter() - start:.0f} s: {len(out.rows)} trials ({tally}); best "
+    print(f"tuned round {round_no} in {seconds:.0f} s: {len(out.rows)} trials ({tally}); best "
           f"{out.best.trial_id} {spec.metric} {_fmt(out.best.metric)} on {source}, val AUROC {_fmt(m['val_auroc'])}, "
           f"test AUROC {_fmt(m['test_auroc'])}; model {ws.model_dir(round_no)} {promoted}; report {out.report}")
     return 0
@@ -159,7 +143,8 @@ def _tune_round(ws: Workspace, resume: bool) -> int:
 
 def score(args: argparse.Namespace) -> int:
     ws = Workspace.open(args.workspace)
-    path, table = score_pool(ws, policy=args.policy, engine=args.engine, num_gpus=args.gpus)
+    path, table = score_pool(ws, policy=args.policy, engine=args.engine, num_gpus=args.gpus,
+                             address=args.address)
     rows = table.to_pylist()
     for r in rows[: args.top]:
         print(f"  #{r['rank']:<4} {r['id']}  score {r['score']:9.3g}  T2 {r['t2']:9.2f}  local T2 {r['t2_local']:9.2f}"
@@ -175,9 +160,7 @@ def label(args: argparse.Namespace) -> int:
     import subprocess
 
     ws = Workspace.open(args.workspace)
-    app = Path(__file__).resolve().parents[1] / "labeling_ui" / "app.py"
-    if not app.exists():
-        raise FileNotFoundError(f"the labeling page is missing: {app}")
+    app = importlib.resources.files("labeling_ui") / "app.py"  # a script for `streamlit run`, not a module to import
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
            "--server.address", args.host, "--server.port", str(args.port), "--browser.gatherUsageStats", "false",
            "--client.toolbarMode", "minimal",  # a labeler has no use for Deploy, Rerun or Clear cache
@@ -197,25 +180,11 @@ def serve(args: argparse.Namespace) -> int:
     serving.check_port(args.host, args.port)
     print(f"starting Ray Serve for round {model.round} ({model.path}, input {model.size}x{model.size}) ...",
           flush=True)
-    serve_app().serve_forever(cfg, host=args.host, port=args.port, address=args.address, ingress=args.ingress,
+    from serve import app
+
+    app.serve_forever(cfg, host=args.host, port=args.port, address=args.address, ingress=args.ingress,
                               echo=lambda line: print(line, flush=True))
     return 0
-
-
-def serve_app():
-    """serve/app.py, loaded from the source tree (`pip install -e .` installs only aae_ray, like labeling_ui)."""
-    import importlib.util
-
-    name = "aae_ray_serve_app"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "serve" / "app.py"
-        if not path.exists():
-            raise FileNotFoundError(f"the Serve application is missing: {path}")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def round_(args: argparse.Namespace) -> int:  # `round` would shadow the builtin
@@ -318,16 +287,19 @@ def demo(args: argparse.Namespace) -> int:
     """Synthetic solder joints -> tune (tune_configs/default.yaml) -> score -> summary. Safe to re-run: the
     import is idempotent and each run tunes a new round."""
     from aae_ray.learning_curves import pool_truth
+    from aae_ray.tuning.runner import run_tune
 
     ws_dir: Path = args.workspace
     print(f"== 1/4 init {ws_dir}")
-    init(argparse.Namespace(workspace=ws_dir, source="synthetic", seed=args.seed, n_normal=800, n_defect=80,
-                            size=128))
-    ws = Workspace.open(ws_dir)
+    start = time.perf_counter()
+    imported = importing.synthetic(ws_dir, seed=args.seed)
+    _print_import(imported, time.perf_counter() - start)
+    ws = imported.ws
     round_no = _tune_round(ws, resume=False)
     print(f"== 2/4 tune round {round_no} (tune_configs/default.yaml: Ray Tune + Optuna TPE + ASHA on this machine)")
-    code = tune(argparse.Namespace(workspace=ws_dir, config=args.config, address=None, num_samples=args.num_samples,
-                                   max_concurrent=None, round=round_no, resume=False))
+    spec = _load_spec(args)
+    start = time.perf_counter()
+    code = _print_tune(ws, run_tune(ws, spec, round_no=round_no), time.perf_counter() - start)
     if code != 0:
         return code
     m = artifacts.read_metrics(ws.model_dir(round_no))
@@ -346,7 +318,6 @@ def demo(args: argparse.Namespace) -> int:
 
     batch = answer_queue(ws, DEMO_LABELS)
     print(f"the labeler confirmed {batch.n_defects} defects and {len(batch.ids) - batch.n_defects} normals")
-    spec = _load_spec(args)
     # Round 0 showed the search; round 1 is the quick kind (`round: {search: false}`): round 0's model
     # fine-tuned on the labels, promoted only on a clear paired gain. A second search would cost the demo
     # ~110 s of its 3 minutes (`aae-ray round` searches unless the spec says otherwise).
@@ -372,6 +343,7 @@ def _demo_serve(ws: Workspace, queue: Path) -> None:
 
     from aae_ray import serving
     from aae_ray.client import Client
+    from serve import app
 
     rows = pq.read_table(queue, columns=["id", "score"]).to_pylist()
     picks = rows[:2] + rows[-2:] if len(rows) > 4 else rows
@@ -381,7 +353,7 @@ def _demo_serve(ws: Workspace, queue: Path) -> None:
     print(f"== serve the promoted model on http://127.0.0.1:{port} (what `aae-ray serve {ws.root}` runs) and score "
           f"{len(picks)} pool images over HTTP")
     cfg = serving.settings(workspace=ws.root, num_cpus=0)  # reserves no CPU: it starts whatever Ray is running
-    with serve_app().running(cfg, port=port) as url:
+    with app.running(cfg, port=port) as url:
         answer = Client(url).score_response([image[r["id"]] for r in picks])
     for r, res in zip(picks, answer["results"], strict=True):
         print(f"  {r['id']}  score {res['score']:8.3g} over HTTP ({r['score']:8.3g} offline)  "

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from aae_ray import artifacts
+from aae_ray.cluster import connect, worker_device
 
 POOL = "pool"
 
@@ -46,18 +47,8 @@ class _Scorer:
     """One Ray Data actor: loads the artifact once, then scores batches of (id, PNG bytes) rows."""
 
     def __init__(self, model_dir: str, with_codes: bool = False):
-        import ray
-        import torch
-
-        from aae_ray.train import limit_threads
-
-        self.det = artifacts.load(Path(model_dir))
+        self.det = artifacts.load(Path(model_dir)).to(worker_device())
         self.with_codes = with_codes
-        if ray.get_gpu_ids() and torch.cuda.is_available():  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU
-            self.det.to("cuda")
-        else:  # one thread per reserved CPU: several actors with torch's default would oversubscribe the cores
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-            limit_threads(max(1, round(cpus)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from aae_ray.data.images import to_model_input
@@ -76,10 +67,11 @@ class _Scorer:
 
 
 def score_pool_ray(images_path: Path, model_dir: Path, *, batch_size: int = 512, concurrency: int | None = None,
-                   num_gpus: float = 0.0, with_codes: bool = False) -> PoolScores:
+                   num_gpus: float = 0.0, with_codes: bool = False, address: str | None = None) -> PoolScores:
     """Score the `pool` rows of `images_path` with the artifact in `model_dir`, on `concurrency` actors (default:
-    one a CPU, or one a `num_gpus` share of the cluster's GPUs), `batch_size` images a call. Starts a local Ray if
-    none is running. Raises FileNotFoundError for a missing file or folder, ArtifactError for a broken model."""
+    one a CPU, or one a `num_gpus` share of the cluster's GPUs), `batch_size` images a call. Joins the cluster at
+    `address` (else RAY_ADDRESS; every node must see the workspace's path), or starts a local Ray, unless one is
+    connected. Raises FileNotFoundError for a missing file or folder, ArtifactError for a broken model."""
     images_path, model_dir = Path(images_path), Path(model_dir)
     if not images_path.is_file():
         raise FileNotFoundError(f"no image table at {images_path}")
@@ -103,8 +95,7 @@ def score_pool_ray(images_path: Path, model_dir: Path, *, batch_size: int = 512,
     from ray.data import ActorPoolStrategy
     from ray.data.expressions import col, lit
 
-    if not ray.is_initialized():
-        ray.init()
+    connect(address)
     resources = ray.cluster_resources()
     if concurrency is None:
         concurrency = _default_concurrency(resources, num_gpus)

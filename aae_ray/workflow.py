@@ -130,11 +130,12 @@ RAY_POOL_BYTES = 2 * 1024**3
 
 
 def score_pool(ws: Workspace, *, round_no: int | None = None, policy: str = "highest", engine: str = "auto",
-               num_gpus: float = 0.0) -> tuple[Path, pa.Table]:
+               num_gpus: float = 0.0, address: str | None = None) -> tuple[Path, pa.Table]:
     """Score the pool with the promoted model and write the labeling queue, rank 1 first, to
     `rounds/rNNN/scores.parquet` (the given round's, else the promoted model's). The policy orders the queue
     (aae_ray.queue): highest T2 first, diverse in latent space, or closest to the threshold. `engine`: "local"
-    (this process), "ray" (Ray Data, aae_ray.pool_scoring; same scores), or "auto" (Ray above RAY_POOL_BYTES)."""
+    (this process), "ray" (Ray Data, aae_ray.pool_scoring; same scores, on the cluster at `address` if given),
+    or "auto" (Ray with an `address` or above RAY_POOL_BYTES, else this process)."""
     from aae_ray.queue import queue_order
 
     if engine not in ("auto", "local", "ray"):
@@ -142,6 +143,10 @@ def score_pool(ws: Workspace, *, round_no: int | None = None, policy: str = "hig
     model_dir = ws.current_model_dir()
     det = artifacts.load(model_dir)
     size = det.config.input_size
+    if address and engine == "local":
+        raise ValueError("an --address scores on a Ray cluster: use --engine ray or auto, or leave the address out")
+    if engine == "auto" and address:
+        engine = "ray"
     if engine == "auto":
         # Only the split column: reading the image bytes just to count would double the I/O of scoring.
         n_pool = pq.read_table(ws.images_path, columns=["split"]).column("split").to_pylist().count("pool")
@@ -149,7 +154,8 @@ def score_pool(ws: Workspace, *, round_no: int | None = None, policy: str = "hig
     if engine == "ray":
         from aae_ray.pool_scoring import score_pool_ray
 
-        ps = score_pool_ray(ws.images_path, model_dir, num_gpus=num_gpus, with_codes=policy == "diverse")
+        ps = score_pool_ray(ws.images_path, model_dir, num_gpus=num_gpus, with_codes=policy == "diverse",
+                            address=address)
         ids, t2, t2_local, score, p_value, anomaly = ps.ids, ps.t2, ps.t2_local, ps.score, ps.p_value, ps.anomaly
         codes = ps.codes
     else:

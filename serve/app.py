@@ -14,18 +14,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import ray
-from ray import cloudpickle, serve
+from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from aae_ray.cluster import cluster_resources, connect, worker_device
 from aae_ray.serving import Item, ScoringService, ServeSettings, free_port, settings
 
 APP_NAME = "aae-ray"
@@ -54,24 +54,10 @@ def ingress_env(ingress: str) -> dict[str, str]:
     return env
 
 
-def init_local_ray(ingress: str) -> None:
-    os.environ.update(ingress_env(ingress))
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-
-
-# Replicas get this module by value: `pip install -e .` installs only `aae_ray`, so they could not import it.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
 @serve.deployment
 class Scorer:
     def __init__(self, cfg: ServeSettings):
-        import torch
-
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        if device == "cpu":  # one thread a reserved CPU: torch's default (all cores) oversubscribes them
-            torch.set_num_threads(max(1, int(cfg.num_cpus)))
-        self.service = ScoringService(cfg, device)
+        self.service = ScoringService(cfg, worker_device())
         self.service.start_watching()
         self.score_one.set_max_batch_size(cfg.max_batch_size)
         self.score_one.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -99,7 +85,7 @@ def deployment_options(cfg: ServeSettings) -> dict[str, Any]:
     while another runs (at Serve's default of 5 batches never fill). With replicas "auto", Serve keeps 1 to
     (GPUs, or CPUs / num_cpus) replicas, aiming at half a batch of requests in flight on each: more means
     requests queue behind a full batch, so it adds a replica after 5 s; fewer for 60 s, it removes one."""
-    cpus, gpus = _cluster_resources()
+    cpus, gpus = cluster_resources()
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
     opts: dict[str, Any] = {"max_ongoing_requests": 2 * cfg.max_batch_size,
                             "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": 1 if use_gpu else 0}}
@@ -111,15 +97,6 @@ def deployment_options(cfg: ServeSettings) -> dict[str, Any]:
     else:
         opts["num_replicas"] = cfg.replicas
     return opts
-
-
-def _cluster_resources() -> tuple[float, float]:
-    if ray.is_initialized():
-        res = ray.cluster_resources()
-        return res.get("CPU", 1.0), res.get("GPU", 0.0)
-    import torch  # `serve run` calls the builder before it connects: count this machine
-
-    return float(os.cpu_count() or 1), float(torch.cuda.device_count())
 
 
 def application(cfg: ServeSettings):
@@ -143,9 +120,7 @@ def running(cfg: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
             ingress: str = "haproxy") -> Iterator[str]:
     """Serve for the length of a `with` block on the connected Ray (a local one with this ingress if none); yields
     the URL. Serve is shut down at the end, Ray left as it was found."""
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        init_local_ray(ingress)
+    own_ray = connect(local_env=ingress_env(ingress)) == "started"
     try:
         start(cfg, host=host, port=port)
         yield f"http://{host}:{port}"
@@ -160,13 +135,7 @@ def serve_forever(cfg: ServeSettings, *, host: str, port: int, address: str | No
     """`aae-ray serve`: start, print how to query, report promotions, and on SIGINT/SIGTERM shut down what we
     started (our own local Ray; on a cluster, only our application). A cluster's ingress is the one its
     `ray start` was given (INGRESS_ENV in that environment)."""
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        if address:
-            os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 clusters refuse callers without it
-            ray.init(address=address, log_to_driver=False)
-        else:
-            init_local_ray(ingress)
+    connection = connect(address, local_env=ingress_env(ingress))
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -186,7 +155,7 @@ def serve_forever(cfg: ServeSettings, *, host: str, port: int, address: str | No
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if own_ray and not address:
+        if connection == "started":
             serve.shutdown()
             ray.shutdown()
         else:

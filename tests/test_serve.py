@@ -50,12 +50,12 @@ def served(ray_local, scored_ws, tmp_path_factory):
     (autoscaling). Round 1 exists (another seed) but is not promoted."""
     from ray import serve
 
-    from aae_ray.commands import serve_app
+    from serve import app as serve_app
 
     ws_dir = tmp_path_factory.mktemp("served") / "ws"
     shutil.copytree(scored_ws, ws_dir)
     train_round(Workspace.open(ws_dir), tiny_config(seed=1), round_no=1, echo=lambda _: None)
-    app, port = serve_app(), serving.free_port()
+    app, port = serve_app, serving.free_port()
     common = {"workspace": ws_dir, "num_cpus": 0.5, "max_batch_size": 16, "reload_interval_s": 0.5, **LIMITS}
     try:
         app.start(serving.settings(**common), port=port, name="open", route_prefix="/")
@@ -401,9 +401,9 @@ def test_aae_ray_serve_answers_until_sigint_then_stops_cleanly(scored_ws, image,
 def test_deployment_options_batch_scale_and_place_replicas(ray_local, tmp_path):
     """Batches can fill (max_ongoing_requests = 2 x batch); auto scales 1..CPUs/num_cpus at half a batch in flight
     a replica; a replica takes a whole GPU when asked for one (or, with device auto, when the cluster has GPUs)."""
-    from aae_ray.commands import serve_app
+    from serve import app as serve_app
 
-    options = serve_app().deployment_options
+    options = serve_app.deployment_options
     fixed = options(serving.settings(workspace=tmp_path, replicas=3, max_batch_size=32))
     assert fixed["num_replicas"] == 3 and fixed["max_ongoing_requests"] == 64
     assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}  # ray_local has no GPU

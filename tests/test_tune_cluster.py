@@ -1,4 +1,5 @@
-"""`aae-ray tune --address`: a search joins an existing Ray cluster and spreads its trials over the cluster's nodes.
+"""`aae-ray tune --address`: a search joins an existing Ray cluster and spreads its trials over the cluster's nodes;
+`aae-ray score --address` scores the pool there.
 
 The cluster is real: a head and a worker node started with `ray start` on this machine (1 CPU each), in a temp dir
 of their own. It is torn down by killing only its own processes (never `ray stop`, which stops every Ray of the
@@ -232,3 +233,23 @@ def test_a_workspace_given_by_a_relative_path_tunes_like_an_absolute_one(cluster
               timeout=TUNE_TIMEOUT_S, cwd=ws_copy.parent)
     assert res.returncode == 0, res.stdout[-3000:]
     assert (ws_copy / "rounds" / "r000" / "model" / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_score_with_an_address_scores_the_pool_on_the_cluster(cluster, scored_copy_path):
+    """`aae-ray score WS --address A`: Ray Data actors on the cluster score the pool, and the queue they write is
+    the one this process writes with `--engine local`."""
+    import pyarrow.parquet as pq
+
+    queue = scored_copy_path / "rounds" / "r000" / "scores.parquet"
+    res = run([BIN / "aae-ray", "score", scored_copy_path, "--address", cluster.address], timeout=TUNE_TIMEOUT_S)
+    assert res.returncode == 0, res.stdout[-5000:]
+    on_cluster = pq.read_table(queue).to_pydict()
+    res = run([BIN / "aae-ray", "score", scored_copy_path, "--engine", "local"], timeout=TUNE_TIMEOUT_S)
+    assert res.returncode == 0, res.stdout[-5000:]
+    here = pq.read_table(queue).to_pydict()
+    assert on_cluster["id"] == here["id"] and on_cluster["rank"] == here["rank"]
+    assert on_cluster["score"] == pytest.approx(here["score"], rel=1e-5)
+    res = run([BIN / "aae-ray", "score", scored_copy_path, "--engine", "local", "--address", cluster.address],
+              timeout=60)
+    assert res.returncode == 2 and "--engine ray or auto" in res.stdout

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from aae_ray import artifacts  # noqa: E402
+from aae_ray.cluster import connect  # noqa: E402
 from aae_ray.tuning.atomic_fs import atomic_local_filesystem  # noqa: E402
 from aae_ray.tuning.round_report import write_report  # noqa: E402
 from aae_ray.tuning.spec import TuneSpec, parse_spec  # noqa: E402
@@ -105,35 +105,6 @@ def next_round(ws: Workspace) -> int:
     last = rounds[-1]
     unused = not ws.model_dir(last).exists() and not restorable(experiment_dir(ws, last))
     return last if unused else last + 1
-
-
-def connect(address: str | None, num_cpus: int | None = None) -> None:
-    """Join a cluster (address, or RAY_ADDRESS) or start Ray on this machine; reuse a running connection."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # Ray 2.60 clusters started with `ray start` use token auth; without this every call is refused.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        _check_reachable(address)  # Ray itself retries an unreachable address for about 14 minutes
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except ConnectionError as exc:
-            raise TuneError(f"cannot join the Ray cluster at {address}: {exc}") from exc
-    else:
-        # "local": a fresh Ray of our own, never a cluster some earlier `ray start` left on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-
-
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    if address == "auto" or "://" in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
-    except (OSError, ValueError) as exc:
-        raise TuneError(f"no Ray cluster answers at {address} ({exc}); check the address, or start one with "
-                        f"`ray start --head`") from exc
 
 
 def run_tune(ws: Workspace, spec: TuneSpec | None, *, round_no: int, address: str | None = None, resume: bool = False,

@@ -1,0 +1,1 @@
+"""The Streamlit labeling page (app.py, run by `aae-ray label`)."""
