@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.resources
 import json
+import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -157,8 +160,6 @@ def score(args: argparse.Namespace) -> int:
 
 def label(args: argparse.Namespace) -> int:
     """Run labeling_ui/app.py with `streamlit run` until Ctrl-C; the page reads and writes the workspace."""
-    import subprocess
-
     ws = Workspace.open(args.workspace)
     app = importlib.resources.files("labeling_ui") / "app.py"  # a script for `streamlit run`, not a module to import
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
@@ -166,7 +167,36 @@ def label(args: argparse.Namespace) -> int:
            "--client.toolbarMode", "minimal",  # a labeler has no use for Deploy, Rerun or Clear cache
            "--server.fileWatcherType", "none", "--", "--workspace", str(ws.root.resolve())]
     print(f"labeling page for {ws.root}: http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    return subprocess.call(cmd)
+    return _run_until_stopped(subprocess.Popen(cmd))
+
+
+LABEL_STOP_GRACE_S = 8.0  # Streamlit stops in about a second; then it is killed, so Ctrl-C never hangs
+
+
+def _run_until_stopped(proc: subprocess.Popen) -> int:
+    """Wait for the page's server. Ctrl-C or SIGTERM to this process is passed on to it: a terminal's Ctrl-C
+    reaches both, but a `kill` of this process alone would leave Streamlit running with the port taken."""
+    stopped_at: list[float] = []
+
+    def forward(sig, _frame) -> None:
+        stopped_at.append(time.monotonic())
+        if proc.poll() is None:
+            proc.send_signal(sig)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while proc.poll() is None:
+            if stopped_at and time.monotonic() - stopped_at[0] > LABEL_STOP_GRACE_S:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped_at:
+        print("labeling page stopped", flush=True)
+        return 0
+    return proc.returncode
 
 
 def serve(args: argparse.Namespace) -> int:

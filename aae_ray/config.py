@@ -27,7 +27,7 @@ class AAEConfig(BaseModel):
     # (aae: combined when it has a local latent, else global; patch: local; the others: native).
     # combined = max(t2 / q_global, t2_local / q_local), each scaled by its (1 - alpha) quantile on the training
     # normals: an image passes the combined limit when either score is far out in its own tail, so neither a
-    # whole-object anomaly (global) nor a small local defect (local) is lost (README: "Scores").
+    # whole-object anomaly (global) nor a small local defect (local) is lost (README: "The model and the score").
     score: Literal["auto", "global", "local", "combined", "native"] = "auto"
     # The AAE's spatial latent: a local_dim-channel code at every position of the encoder's feature map after
     # local_depth conv blocks (0 = none), pushed to N(0, I) per position by a 1x1-conv discriminator, and fed
@@ -82,7 +82,7 @@ class AAEConfig(BaseModel):
     sad_lr: float = Field(1e-4, gt=0, le=1e-1)
     vae_score: Literal["elbo", "recon"] = "elbo"  # vae: negative ELBO at the posterior mean, or its recon error
     # AnoGAN (Schlegl et al. 2017): Adam steps of the latent search that scores each image; its cost is linear
-    # in them (README: "Which model when"). The paper used 500; 50 keeps serving usable.
+    # in them (bench/README.md: "Which model when"). The paper used 500; 50 keeps serving usable.
     anogan_steps: int = Field(50, ge=1, le=5000)
     epochs: int = Field(20, ge=1, le=10_000)
     batch_size: int = Field(128, ge=2, le=8192)

@@ -1,4 +1,4 @@
-"""The model families on synthetic solder joints (README: "Which model when"), and AnoGAN's scoring cost.
+"""The model families on synthetic solder joints (bench/README.md: "Which model when"), and AnoGAN's scoring cost.
 
 Each family: a small model (8 base channels, 32 FC units, a 32-dim latent, batch 64), 30 epochs (Deep SAD:
 15 of them pretraining, then sad_lr 1e-3) on the 340 fitting normals of a 400 + 120 joint set, test AUROC on

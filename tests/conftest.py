@@ -3,6 +3,7 @@ fitted detector, each built once per session. Tests that write into a workspace 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -148,8 +149,9 @@ def listening_on(port: int) -> list[str]:
 
 
 @contextmanager
-def label_server(ws: Path, log_path: Path) -> Iterator[str]:
-    """`aae-ray label WS` as a real Streamlit server on a free loopback port; yields its URL once healthy."""
+def label_server(ws: Path, log_path: Path, stop: bool = True) -> Iterator:
+    """`aae-ray label WS` as a real Streamlit server on a free loopback port; yields its URL once healthy, or
+    (URL, process) with `stop=False` for a test that stops it itself (what is left is still killed)."""
     port = free_port()
     log = log_path.open("w")
     proc = subprocess.Popen([Path(sys.executable).parent / "aae-ray", "label", ws, "--port", str(port)],
@@ -164,8 +166,9 @@ def label_server(ws: Path, log_path: Path) -> Iterator[str]:
                 assert proc.poll() is None, log_path.read_text()
                 time.sleep(0.3)
         assert health == "ok", log_path.read_text()
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}" if stop else (f"http://127.0.0.1:{port}", proc)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
         log.close()

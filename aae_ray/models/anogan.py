@@ -6,7 +6,7 @@ never depends on a random start or the batch), `anogan_steps` Adam steps minimis
     (1 - lambda) * ||x - G(z)||_1 + lambda * ||f(x) - f(G(z))||_1        (eq. 5, lambda = 0.1)
 with f the discriminator's last conv features; the loss at z* is the score. Each image's search is its own
 (the loss is summed over the batch and Adam works per coordinate), batched for speed. Its cost is
-anogan_steps forward and backward passes of G and D an image: README's "Which model when" has the seconds.
+anogan_steps forward and backward passes of G and D an image: bench/README.md's "Which model when" has the seconds.
 The "reconstruction" is G(z*) and T2 is fitted on z*.
 """
 
