@@ -22,7 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="aae-ray", description="Visual inspection with few defects: AAE + Hotelling's T2.")
     p.add_argument("--version", action="version", version=f"aae-ray {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_import_command, _model_commands, _people_commands, _round_commands):
+        add(sub)
+    return p
 
+
+def _import_command(sub: argparse._SubParsersAction) -> None:
     init = sub.add_parser("init", help="create a workspace (or add images to one)")
     init.add_argument("workspace", type=Path)
     init.add_argument("--source", required=True, choices=["synthetic", "fashion-mnist", "folder"])
@@ -40,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--mask", type=Path, help="folder: ground-truth masks of the --defect images, for evaluation "
                       "(same relative paths, or MVTec's <name>_mask.png; nonzero = defect)")
 
+
+def _model_commands(sub: argparse._SubParsersAction) -> None:
+    """Train, tune and score."""
     train = sub.add_parser("train", help="train one model (no Ray) as round 0 and promote it")
     train.add_argument("workspace", type=Path)
     train.add_argument("--config", type=Path, help="YAML file of AAEConfig fields")
@@ -64,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(every node must see the workspace)")
     score.add_argument("--top", type=int, default=10, help="how many suspects to print")
 
+
+def _people_commands(sub: argparse._SubParsersAction) -> None:
+    """What people and the line talk to: the labeling page and the endpoint."""
     label = sub.add_parser("label", help="open the Streamlit labeling page on 127.0.0.1")
     label.add_argument("workspace", type=Path)
     label.add_argument("--port", type=int, default=8501)
@@ -77,10 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--token", default=os.environ.get("AAE_RAY_SERVE_TOKEN"),
                      help="require 'Authorization: Bearer T' (default: $AAE_RAY_SERVE_TOKEN; none: open)")
     srv.add_argument("--max-batch", type=int, default=32, help="images scored in one forward pass")
-    srv.add_argument("--address", help="deploy on this Ray cluster (default: start Ray here)")
+    srv.add_argument("--address", help="deploy on this Ray cluster (default: RAY_ADDRESS, else start Ray here)")
     srv.add_argument("--ingress", choices=["haproxy", "python"], default="haproxy",
                      help="Serve's HTTP front end for a Ray started here: haproxy (fast) or Ray's Python proxy")
 
+
+def _round_commands(sub: argparse._SubParsersAction) -> None:
+    """Rounds, and the commands that read or re-set the promoted model."""
     rnd = sub.add_parser("round", help="labels -> tune -> compare -> promote if better -> new queue")
     rnd.add_argument("workspace", type=Path)
     _search_arguments(rnd)
@@ -104,7 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("workspace", type=Path, nargs="?", default=Path("aae-demo"))
     _search_arguments(demo, address=False)
     demo.add_argument("--seed", type=int, default=0)
-    return p
 
 
 def _search_arguments(p: argparse.ArgumentParser, address: bool = True) -> None:

@@ -19,7 +19,7 @@ from aae_ray.config import load_config
 from aae_ray.labels import current_labels, read_events
 from aae_ray.scoring import describe_basis
 from aae_ray.workflow import score_pool, train_round
-from aae_ray.workspace import Workspace, write_text
+from aae_ray.workspace import Workspace
 
 if TYPE_CHECKING:
     from aae_ray.tuning.runner import TuneOutcome
@@ -75,7 +75,7 @@ def recalibrate(args: argparse.Namespace) -> int:
 
 
 def tune(args: argparse.Namespace) -> int:
-    from aae_ray.tuning.runner import experiment_dir, run_tune
+    from aae_ray.tuning.runner import experiment_dir, next_round, resumed_round, run_tune
 
     ws = Workspace.open(args.workspace)
     if args.resume:
@@ -85,7 +85,9 @@ def tune(args: argparse.Namespace) -> int:
                   "--max-concurrent are ignored")
     else:
         spec = _load_spec(args)
-    round_no = args.round if args.round is not None else _tune_round(ws, args.resume)
+    round_no = args.round
+    if round_no is None:
+        round_no = resumed_round(ws) if args.resume else next_round(ws)
     start = time.perf_counter()
     try:
         out = run_tune(ws, spec, round_no=round_no, address=args.address, resume=args.resume)
@@ -131,17 +133,6 @@ def _load_spec(args: argparse.Namespace):
 
     return load_spec(args.config or default_spec_path(), num_samples=args.num_samples,
                      max_concurrent=getattr(args, "max_concurrent", None))
-
-
-def _tune_round(ws: Workspace, resume: bool) -> int:
-    from aae_ray.tuning.runner import next_round
-
-    if resume:
-        tuned = [n for n in ws.rounds() if (ws.round_dir(n) / "tune").exists()]
-        if not tuned:
-            raise ValueError(f"nothing to resume: no round in {ws.root} has a tune experiment")
-        return tuned[-1]
-    return next_round(ws)
 
 
 def score(args: argparse.Namespace) -> int:
@@ -234,41 +225,17 @@ def round_(args: argparse.Namespace) -> int:  # `round` would shadow the builtin
 def simulate(args: argparse.Namespace) -> int:
     """Answer the queue from the import's truth, --rounds times; report defects found and AUROC by round in
     WS/report/active_learning.{png,json}."""
-    from aae_ray.learning_curves import plot, policy_curves
-    from aae_ray.rounds import answer_queue, latest_queue, run_round
+    from aae_ray.learning_curves import simulate as simulate_rounds
 
-    if args.rounds < 1 or args.labels_per_round < 1:
-        raise ValueError("--rounds and --labels-per-round must be at least 1")
     ws = Workspace.open(args.workspace)
-    spec = _load_spec(args)
-    if latest_queue(ws) is None:
-        print("no queue yet: a first round tunes a model and scores the pool")
-        run_round(ws, spec, address=args.address, policy=args.policy)
-    curves = policy_curves(ws, args.rounds * args.labels_per_round)
-    aurocs = [artifacts.read_metrics(ws.current_model_dir()).get("test_auroc")]
-    found: list[int] = []
-    rounds = []
-    for i in range(1, args.rounds + 1):
-        batch = answer_queue(ws, args.labels_per_round)
-        found += [int(d) for d in batch.defects]
-        print(f"== simulated labels {i}/{args.rounds}: oracle labeled {len(batch.ids)} of round {batch.round_no}'s "
-              f"queue, {batch.n_defects} defects ({batch.n_left} unlabeled left)")
-        out = run_round(ws, spec, address=args.address, policy=args.policy)
-        aurocs.append(artifacts.read_metrics(ws.current_model_dir()).get("test_auroc"))
-        rounds.append({"round": out.round_no, "labels": len(batch.ids), "defects": batch.n_defects,
-                       "promoted": out.promoted, "reason": out.reason, "test_auroc": aurocs[-1]})
-        print(f"   round {out.round_no}: {'promoted' if out.promoted else 'kept'} ({out.reason}); current model's "
-              f"test AUROC {_fmt(aurocs[-1])}")
-    report = ws.root / "report"
-    png = plot(curves, aurocs, report / "active_learning.png", found=found)
-    doc = {"policy": args.policy, "labels_per_round": args.labels_per_round, "rounds": rounds,
-           "test_auroc_by_round": aurocs, "defects_found": found, "policy_curves": curves}
-    write_text(report / "active_learning.json", json.dumps(doc, indent=2) + "\n")
-    random_curve = next(c for k, c in curves.items() if k.startswith("random"))
+    doc = simulate_rounds(ws, _load_spec(args), rounds=args.rounds, labels_per_round=args.labels_per_round,
+                          address=args.address, policy=args.policy)
+    found = doc["defects_found"]
+    random_curve = next(c for k, c in doc["policy_curves"].items() if k.startswith("random"))
     by_chance = random_curve[len(found) - 1] if found else 0.0
     print(f"simulated {args.rounds} round(s): {sum(found)} defects in {len(found)} labels (random labeling: "
           f"{by_chance:.1f}); current model's test AUROC by round: "
-          f"{' -> '.join(_fmt(a) for a in aurocs)}; plot in {png}")
+          f"{' -> '.join(_fmt(a) for a in doc['test_auroc_by_round'])}; plot in {doc['plot']}")
     return 0
 
 
@@ -317,7 +284,7 @@ def demo(args: argparse.Namespace) -> int:
     """Synthetic solder joints -> tune (tune_configs/default.yaml) -> score -> summary. Safe to re-run: the
     import is idempotent and each run tunes a new round."""
     from aae_ray.learning_curves import pool_truth
-    from aae_ray.tuning.runner import run_tune
+    from aae_ray.tuning.runner import next_round, run_tune
 
     ws_dir: Path = args.workspace
     print(f"== 1/4 init {ws_dir}")
@@ -325,7 +292,7 @@ def demo(args: argparse.Namespace) -> int:
     imported = importing.synthetic(ws_dir, seed=args.seed)
     _print_import(imported, time.perf_counter() - start)
     ws = imported.ws
-    round_no = _tune_round(ws, resume=False)
+    round_no = next_round(ws)
     print(f"== 2/4 tune round {round_no} (tune_configs/default.yaml: Ray Tune + Optuna TPE + ASHA on this machine)")
     spec = _load_spec(args)
     start = time.perf_counter()

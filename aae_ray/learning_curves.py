@@ -1,5 +1,6 @@
 """What labeling buys, measured against the import's truth: for `aae-ray simulate` and bench/active_learning.py.
 
+    doc = simulate(ws, spec, rounds=3, labels_per_round=50)   # aae-ray simulate: rounds answered by the truth
     curves = policy_curves(ws, budget=150)     # defects found after each label, every queue policy vs random
     plot(curves, aurocs, path, found=found)    # the report figure: those curves, and AUROC by round
 
@@ -8,6 +9,8 @@ Only workspaces whose import knew the truth (synthetic, Fashion-MNIST) can be me
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ import pyarrow.parquet as pq
 from aae_ray import artifacts
 from aae_ray.dataset import pool_arrays
 from aae_ray.queue import POLICIES, queue_order
-from aae_ray.workspace import Workspace
+from aae_ray.workspace import Workspace, write_text
 
 N_RANDOM = 20  # random orders averaged for the random-sampling baseline
 
@@ -69,3 +72,43 @@ def plot(curves: dict[str, list[float]], aurocs: list[float | None], path: Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def simulate(ws: Workspace, spec, *, rounds: int, labels_per_round: int, address: str | None = None,
+             policy: str = "highest", echo: Callable[[str], None] = print) -> dict:
+    """`rounds` times: an oracle answers the first `labels_per_round` unlabeled images of the latest queue from
+    the import's truth, then a round runs (`aae_ray.rounds.run_round`). The report (defects found, the promoted
+    model's test AUROC by round, every policy's curve against random labeling) is written to
+    WS/report/active_learning.{json,png} and returned, with the figure's path under "plot"."""
+    from aae_ray.rounds import answer_queue, latest_queue, run_round
+
+    if rounds < 1 or labels_per_round < 1:
+        raise ValueError("--rounds and --labels-per-round must be at least 1")
+    if latest_queue(ws) is None:
+        echo("no queue yet: a first round tunes a model and scores the pool")
+        run_round(ws, spec, address=address, policy=policy, echo=echo)
+    curves = policy_curves(ws, rounds * labels_per_round)
+    aurocs = [artifacts.read_metrics(ws.current_model_dir()).get("test_auroc")]
+    found: list[int] = []
+    done = []
+    for i in range(1, rounds + 1):
+        batch = answer_queue(ws, labels_per_round)
+        found += [int(d) for d in batch.defects]
+        echo(f"== simulated labels {i}/{rounds}: oracle labeled {len(batch.ids)} of round {batch.round_no}'s "
+             f"queue, {batch.n_defects} defects ({batch.n_left} unlabeled left)")
+        out = run_round(ws, spec, address=address, policy=policy, echo=echo)
+        aurocs.append(artifacts.read_metrics(ws.current_model_dir()).get("test_auroc"))
+        done.append({"round": out.round_no, "labels": len(batch.ids), "defects": batch.n_defects,
+                     "promoted": out.promoted, "reason": out.reason, "test_auroc": aurocs[-1]})
+        echo(f"   round {out.round_no}: {'promoted' if out.promoted else 'kept'} ({out.reason}); current model's "
+             f"test AUROC {_fmt(aurocs[-1])}")
+    report = ws.root / "report"
+    png = plot(curves, aurocs, report / "active_learning.png", found=found)
+    doc = {"policy": policy, "labels_per_round": labels_per_round, "rounds": done, "test_auroc_by_round": aurocs,
+           "defects_found": found, "policy_curves": curves}
+    write_text(report / "active_learning.json", json.dumps(doc, indent=2) + "\n")
+    return {**doc, "plot": png}
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

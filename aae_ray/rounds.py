@@ -50,71 +50,98 @@ def run_round(ws: Workspace, spec, *, address: str | None = None, policy: str = 
     fine-tuned on today's labels); the better of the two on the judging set becomes the round's model, and
     replaces the current one only on a clear paired gain. Then the promoted model is recalibrated and the pool
     scored into the round's queue. The decision and every step's wall time go to `rounds/rNNN/round.json`."""
-    from aae_ray.tuning.runner import next_round, run_tune
+    from aae_ray.tuning.runner import next_round
 
     t0 = time.perf_counter()
     current = ws.current()
     round_no = next_round(ws)
-    new_dir = ws.model_dir(round_no)
     search = spec.round.search or current is None
-    metrics: dict[str, Any] = {}
-    if search:
-        start_from = []
-        if current is not None:
-            start_from = [artifacts.load(ws.current_model_dir()).config.model_dump()]
-            echo(f"round {round_no}: the search starts from round {current['round']}'s config")
-        outcome = run_tune(ws, spec, round_no=round_no, address=address, initial_points=start_from, echo=echo)
-        if outcome.interrupted or outcome.best is None:
-            raise RuntimeError(f"round {round_no}'s search finished no trial; nothing to compare or promote "
-                               f"(see {outcome.experiment})")
-        metrics = outcome.metrics
+    metrics = _search(ws, spec, round_no, current, address, echo) if search else {}
     seconds = {"search": time.perf_counter() - t0}
     first = current is None or current["round"] == round_no  # run_tune promoted it: nothing was current
     warm_dir = None if first else _warm_candidate(ws, round_no, spec.round.warm_start_epochs, echo)
     if not search:  # the warm-started candidate is the round's only one
-        os.replace(warm_dir, new_dir)
-        warm_dir, metrics = None, artifacts.read_metrics(new_dir)
+        os.replace(warm_dir, ws.model_dir(round_no))
+        warm_dir, metrics = None, artifacts.read_metrics(ws.model_dir(round_no))
     seconds["warm_start"] = time.perf_counter() - t0 - seconds["search"]
     t_judge = time.perf_counter()
-    candidate = "search" if search else "warm"
     if first:
-        judging = judge(ws, [new_dir], spec.searcher.seed)
-        new_auc, old_auc, promoted, reason = judging.aurocs[0], None, True, "no model was promoted before"
+        judging = judge(ws, [ws.model_dir(round_no)], spec.searcher.seed)
+        v = _Verdict(judging.aurocs[0], None, True, "no model was promoted before", "search", judging.source)
     else:
-        dirs = [new_dir, *([warm_dir] if warm_dir else []), ws.current_model_dir()]
-        judging = judge(ws, dirs, spec.searcher.seed)
-        *cands, old_scores = judging.scores
-        best = int(np.argmax([scoring.auroc(judging.y, c) for c in cands]))
-        if warm_dir is not None and best == 1:  # the warm start won: the round's model; the search's stays beside
-            candidate = "warm"
-            shutil.rmtree(ws.round_dir(round_no) / SEARCH_MODEL, ignore_errors=True)
-            os.replace(new_dir, ws.round_dir(round_no) / SEARCH_MODEL)
-            os.replace(warm_dir, new_dir)
-            metrics = artifacts.read_metrics(new_dir)
-        promoted, reason, cmp = decide(judging.y, cands[best], old_scores, spec.round.confidence,
-                                       spec.searcher.seed)
-        new_auc, old_auc = cmp.new_auroc, cmp.old_auroc
-        reason = (f"on the {judging.source} judging set, round {round_no}'s {candidate} candidate vs round "
-                  f"{current['round']}: {reason}")
-        if promoted:
-            ws.promote(round_no, f"aae-ray round: {reason}")
+        v = _judge_against_current(ws, spec, round_no, current["round"], warm_dir, "search" if search else "warm")
+        if v.candidate == "warm" and search:
+            metrics = artifacts.read_metrics(ws.model_dir(round_no))
+        if v.promoted:
+            ws.promote(round_no, f"aae-ray round: {v.reason}")
     seconds["judge"] = time.perf_counter() - t_judge
-    echo(f"round {round_no}: {reason}")
-    # Labels that arrived since the promoted model was calibrated (this round's, or the kept model's since its
-    # own round) re-set its threshold; a no-op when nothing new is known.
+    echo(f"round {round_no}: {v.reason}")
+    queue = _after_the_decision(ws, round_no, policy, echo)
+    seconds["total"] = time.perf_counter() - t0
+    write_text(ws.round_dir(round_no) / "round.json", json.dumps(
+        {"round": round_no, "candidate": v.candidate, "promoted": v.promoted, "reason": v.reason,
+         "new_auroc": v.new_auroc, "old_auroc": v.old_auroc, "judged_on": v.judged_on, "seconds": seconds},
+        indent=2) + "\n")
+    echo(f"round {round_no} took {seconds['total']:.0f} s (search {seconds['search']:.0f} s, warm start "
+         f"{seconds['warm_start']:.0f} s)")
+    return RoundOutcome(round_no, v.new_auroc, v.old_auroc, v.judged_on, v.promoted, v.reason, queue, metrics,
+                        v.candidate, seconds)
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    new_auroc: float | None
+    old_auroc: float | None
+    promoted: bool
+    reason: str
+    candidate: str  # "search" or "warm": which became the round's model
+    judged_on: str
+
+
+def _search(ws: Workspace, spec, round_no: int, current: dict | None, address: str | None, echo: Echo) -> dict:
+    """The round's search, its first trial the current model's config; the exported model's metrics."""
+    from aae_ray.tuning.runner import run_tune
+
+    start_from = []
+    if current is not None:
+        start_from = [artifacts.load(ws.current_model_dir()).config.model_dump()]
+        echo(f"round {round_no}: the search starts from round {current['round']}'s config")
+    outcome = run_tune(ws, spec, round_no=round_no, address=address, initial_points=start_from, echo=echo)
+    if outcome.interrupted or outcome.best is None:
+        raise RuntimeError(f"round {round_no}'s search finished no trial; nothing to compare or promote "
+                           f"(see {outcome.experiment})")
+    return outcome.metrics
+
+
+def _judge_against_current(ws: Workspace, spec, round_no: int, current_round: int, warm_dir: Path | None,
+                           candidate: str) -> _Verdict:
+    """The round's candidates (its model, and the warm start beside a search) against the current model on the
+    judging set. A warm start that wins becomes the round's model (the search's model is kept beside it)."""
+    new_dir = ws.model_dir(round_no)
+    judging = judge(ws, [new_dir, *([warm_dir] if warm_dir else []), ws.current_model_dir()], spec.searcher.seed)
+    *cands, old_scores = judging.scores
+    best = int(np.argmax([scoring.auroc(judging.y, c) for c in cands]))
+    if warm_dir is not None and best == 1:
+        candidate = "warm"
+        shutil.rmtree(ws.round_dir(round_no) / SEARCH_MODEL, ignore_errors=True)
+        os.replace(new_dir, ws.round_dir(round_no) / SEARCH_MODEL)
+        os.replace(warm_dir, new_dir)
+    promoted, reason, cmp = decide(judging.y, cands[best], old_scores, spec.round.confidence, spec.searcher.seed)
+    reason = (f"on the {judging.source} judging set, round {round_no}'s {candidate} candidate vs round "
+              f"{current_round}: {reason}")
+    return _Verdict(cmp.new_auroc, cmp.old_auroc, promoted, reason, candidate, judging.source)
+
+
+def _after_the_decision(ws: Workspace, round_no: int, policy: str, echo: Echo) -> Path:
+    """Labels that arrived since the promoted model was calibrated (this round's, or the kept model's since its
+    own round) re-set its threshold (a no-op when nothing new is known); then the pool is scored into the round's
+    queue."""
     recalibrated = recalibrate(ws, echo=echo)
     if recalibrated["after"]["threshold"] != recalibrated["before"]["threshold"]:
         echo(f"recalibrated round {recalibrated['round']}'s threshold: {recalibrated['before']['threshold']:.4g} -> "
              f"{recalibrated['after']['threshold']:.4g}; {recalibrated['after']['threshold_note']}")
     queue, _ = score_pool(ws, round_no=round_no, policy=policy)
-    seconds["total"] = time.perf_counter() - t0
-    write_text(ws.round_dir(round_no) / "round.json", json.dumps(
-        {"round": round_no, "candidate": candidate, "promoted": promoted, "reason": reason, "new_auroc": new_auc,
-         "old_auroc": old_auc, "judged_on": judging.source, "seconds": seconds}, indent=2) + "\n")
-    echo(f"round {round_no} took {seconds['total']:.0f} s (search {seconds['search']:.0f} s, warm start "
-         f"{seconds['warm_start']:.0f} s)")
-    return RoundOutcome(round_no, new_auc, old_auc, judging.source, promoted, reason, queue, metrics, candidate,
-                        seconds)
+    return queue
 
 
 def decide(y: np.ndarray, new: np.ndarray, old: np.ndarray, confidence: float = 0.95,

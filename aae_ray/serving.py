@@ -36,6 +36,7 @@ from aae_ray.workspace import Workspace
 
 log = logging.getLogger(__name__)
 MiB = 1024 * 1024
+ROUTES = {"/health": "GET", "/model": "GET", "/score": "POST"}  # path -> its method
 
 
 class ServeSettings(BaseModel):
@@ -54,6 +55,8 @@ class ServeSettings(BaseModel):
     replicas: int | Literal["auto"] = 1  # "auto": Serve autoscaling (serve/app.py says the targets)
     num_cpus: float = Field(1.0, ge=0, le=256)  # Ray CPUs a replica reserves; torch gets that many threads
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU a replica when the cluster has GPUs
+    # Who dispatches the three routes: ScoringService.handle ("hand") or FastAPI's router (serve/app.py).
+    router: Literal["hand", "fastapi"] = "hand"
 
     @field_validator("workspace")
     @classmethod
@@ -195,17 +198,29 @@ class ScoringService:
             return Reply(500, {"error": "internal error (see the server log)"})
 
     async def _route(self, method, path, headers, query, body, score) -> Reply:
-        routes = {"/health": "GET", "/model": "GET", "/score": "POST"}
-        if path not in routes:
+        if path not in ROUTES:
             raise RequestError(404, f"no such path {path[:80]!r}; paths: POST /score, GET /health, GET /model")
-        if method != routes[path]:
-            return Reply(405, {"error": f"{path} takes {routes[path]}"}, {"Allow": routes[path]})
+        if method != ROUTES[path]:
+            return Reply(405, {"error": f"{path} takes {ROUTES[path]}"}, {"Allow": ROUTES[path]})
         if path == "/health":
-            body_out = {"status": "ok", "model": self.model.summary(), "batching": dict(self.stats)}
-            return Reply(200, body_out | ({"reload_error": self.reload_error} if self.reload_error else {}))
-        check_token(headers.get("authorization"), self.cfg.token)
+            return self.health()
         if path == "/model":
-            return Reply(200, self.model.info() | {"reload_error": self.reload_error})
+            return self.model_info(headers.get("authorization"))
+        return await self.score_request(headers, query, body, score)
+
+    # The three routes, each callable on its own (a web framework's router can call them; RequestError is the
+    # error answer).
+    def health(self) -> Reply:
+        body = {"status": "ok", "model": self.model.summary(), "batching": dict(self.stats)}
+        return Reply(200, body | ({"reload_error": self.reload_error} if self.reload_error else {}))
+
+    def model_info(self, authorization: str | None) -> Reply:
+        check_token(authorization, self.cfg.token)
+        return Reply(200, self.model.info() | {"reload_error": self.reload_error})
+
+    async def score_request(self, headers: Mapping[str, str], query: Mapping[str, str], body: AsyncIterator[bytes],
+                            score: ScoreFn) -> Reply:
+        check_token(headers.get("authorization"), self.cfg.token)
         explain = parse_flag(query.get("explain"), "explain")
         raw = await read_body(body, headers.get("content-length"), self.cfg.max_body_bytes)
         uploads = decode_request(headers.get("content-type"), raw, max_images=self.cfg.max_images)

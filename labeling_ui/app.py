@@ -185,38 +185,16 @@ def main() -> None:
     if st.session_state.pop("blur", False):
         components.html(BLUR_SCRIPT, height=0)
     mode = sb.radio("Mode", ["Card", "Grid"], key="mode", horizontal=True)
-    if current is None:
-        sb.markdown("**Model:** none promoted")
-        st.info(f"No promoted model yet: run `aae-ray tune {root}` (or `aae-ray train {root}`), "
-                f"then `aae-ray score {root}`.")
-        return
-    sb.markdown(f"**Model:** `{current['model']}` (round {current['round']})")
-    found = latest_queue(ws)
+    found = queue_header(sb, ws, current, root)
     if found is None:
-        st.info(f"No labeling queue yet: run `aae-ray score {root}` to score the pool with the promoted model.")
         return
-    round_no, queue_path = found
-    sb.markdown(f"**Queue:** round {round_no} (`{queue_path.relative_to(ws.root)}`), in rank order — "
-                "the queue's policy (e.g. highest T² first) was fixed when it was scored")
-    if round_no != current["round"]:
-        sb.warning(f"The queue is from round {round_no}, the promoted model from round {current['round']}: "
-                   f"run `aae-ray score {root}` for a fresh queue.")
-
-    queue = pq.read_table(queue_path).to_pylist()
-    queue.sort(key=lambda r: r["rank"])
+    round_no, queue = found
     try:
         done = labels.current_labels(ws.labels_dir)
     except ValueError as exc:
         st.error(str(exc))
         return
-    todo = [r for r in queue if r["id"] not in done]
-    n_labeled = len(queue) - len(todo)
-    sb.markdown("**Progress (this round's queue)**")
-    c1, c2, c3 = sb.columns(3)
-    c1.metric("Labeled", n_labeled)
-    c2.metric("Defects", sum(done.get(r["id"]) == "defect" for r in queue))
-    c3.metric("Left", len(todo))
-    sb.progress(n_labeled / len(queue) if queue else 1.0)
+    todo = progress(sb, queue, done)
 
     if not labeler:
         st.warning("Enter your name in the sidebar to start labeling.")
@@ -238,6 +216,41 @@ def main() -> None:
     else:
         grid(ws, todo[:GRID_SIZE], labeler, round_no, model, labels_dir)
     history_panel(ws)
+
+
+def queue_header(sb, ws: Workspace, current: dict | None, root: str) -> tuple[int, list[dict]] | None:
+    """The model and the latest queue in the sidebar; (round, queue rows in rank order), or None with what to
+    run first when there is no promoted model or no queue yet."""
+    if current is None:
+        sb.markdown("**Model:** none promoted")
+        st.info(f"No promoted model yet: run `aae-ray tune {root}` (or `aae-ray train {root}`), "
+                f"then `aae-ray score {root}`.")
+        return None
+    sb.markdown(f"**Model:** `{current['model']}` (round {current['round']})")
+    found = latest_queue(ws)
+    if found is None:
+        st.info(f"No labeling queue yet: run `aae-ray score {root}` to score the pool with the promoted model.")
+        return None
+    round_no, queue_path = found
+    sb.markdown(f"**Queue:** round {round_no} (`{queue_path.relative_to(ws.root)}`), in rank order — "
+                "the queue's policy (e.g. highest T² first) was fixed when it was scored")
+    if round_no != current["round"]:
+        sb.warning(f"The queue is from round {round_no}, the promoted model from round {current['round']}: "
+                   f"run `aae-ray score {root}` for a fresh queue.")
+    return round_no, sorted(pq.read_table(queue_path).to_pylist(), key=lambda r: r["rank"])
+
+
+def progress(sb, queue: list[dict], done: dict[str, str]) -> list[dict]:
+    """The queue's progress in the sidebar; the rows nobody has labeled yet, in rank order."""
+    todo = [r for r in queue if r["id"] not in done]
+    n_labeled = len(queue) - len(todo)
+    sb.markdown("**Progress (this round's queue)**")
+    c1, c2, c3 = sb.columns(3)
+    c1.metric("Labeled", n_labeled)
+    c2.metric("Defects", sum(done.get(r["id"]) == "defect" for r in queue))
+    c3.metric("Left", len(todo))
+    sb.progress(n_labeled / len(queue) if queue else 1.0)
+    return todo
 
 
 def labeler_name(sb) -> str:

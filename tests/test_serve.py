@@ -61,6 +61,9 @@ def served(ray_local, scored_ws, tmp_path_factory):
         app.start(serving.settings(**common), port=port, name="open", route_prefix="/")
         app.start(serving.settings(**common, token=TOKEN, replicas="auto"), port=port, name="secure",
                   route_prefix="/secure")
+        fast = {**common, "num_cpus": 0.25, "router": "fastapi"}  # the same routes behind FastAPI's router
+        app.start(serving.settings(**fast), port=port, name="fast", route_prefix="/fast")
+        app.start(serving.settings(**fast, token=TOKEN), port=port, name="fast-secure", route_prefix="/fast/secure")
         yield f"http://127.0.0.1:{port}", ws_dir
     finally:
         serve.shutdown()
@@ -123,8 +126,10 @@ def test_the_pool_scores_over_http_equal_aae_ray_score(served):
     assert sum(g["anomaly"] != o["anomaly"] for g, o in zip(got, offline, strict=True)) <= 1
 
 
-def test_multipart_json_and_raw_bodies_give_the_same_answer(served, image):
+@pytest.mark.parametrize("router", ["hand", "fastapi"])
+def test_multipart_json_and_raw_bodies_give_the_same_answer(served, image, router):
     url, _ = served
+    url += "/fast" if router == "fastapi" else ""
     ct, body = multipart([("file", "a.png", image), ("file", "b.png", image)])
     answers = [
         requests.post(f"{url}/score", data=body, headers={"Content-Type": ct}, timeout=TIMEOUT),
@@ -233,9 +238,11 @@ def _fill(value, image: bytes):
     return value
 
 
+@pytest.mark.parametrize("router", ["hand", "fastapi"])
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_gets_its_status_as_json_and_the_next_request_is_answered(served, image, case):
+def test_bad_input_gets_its_status_as_json_and_the_next_request_is_answered(served, image, case, router):
     url, _ = served
+    url += "/fast" if router == "fastapi" else ""
     method, path, kwargs, status = BAD[case]
     kwargs = {k: _fill(v, image) for k, v in kwargs.items()}
     r = requests.request(method, url + path, timeout=TIMEOUT, **kwargs)

@@ -160,6 +160,67 @@ def _take(rng: np.random.Generator, candidates: np.ndarray, n: int, what: str) -
     return np.sort(rng.choice(candidates, size=n, replace=False)).astype(np.int64)
 
 
+def _anomaly_classes(normal_class: int, labeled_class: int | None) -> list[int]:
+    """Every class but `normal_class`, after checking that both class arguments are allowed."""
+    classes = range(len(CLASSES))
+    if normal_class not in classes:
+        raise ValueError(
+            f"normal_class={normal_class!r} is not a class index; allowed: 0..{len(CLASSES) - 1}"
+        )
+    others = [c for c in classes if c != normal_class]
+    if labeled_class is not None and labeled_class not in others:
+        raise ValueError(
+            f"labeled_class={labeled_class!r} must be an anomaly class; allowed: {others} "
+            f"(0..{len(CLASSES) - 1} except normal_class={normal_class})"
+        )
+    return others
+
+
+def _independent_rngs(seed: int, n: int) -> list[np.random.Generator]:
+    """`n` generators whose streams do not depend on each other, all derived from `seed`."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n)]
+
+
+def _normal_and_anomaly(y_train: np.ndarray, normal_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train indices of the normal class and of all the others; there must be normal images."""
+    normal = np.flatnonzero(y_train == normal_class)
+    if len(normal) == 0:
+        raise ValueError(f"no train images of normal_class={normal_class}")
+    return normal, np.flatnonzero(y_train != normal_class)
+
+
+def _draw_val(
+    rng: np.random.Generator, normal: np.ndarray, anomaly: np.ndarray, val_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Val normals (`val_fraction` of the normals) and one val anomaly per five of them."""
+    val_normal = _take(rng, normal, round(val_fraction * len(normal)), "val normals")
+    return val_normal, _take(rng, anomaly, len(val_normal) // 5, "val anomalies")
+
+
+def _draw_share(rng: np.random.Generator, candidates: np.ndarray, share: float, n: int, what: str) -> np.ndarray:
+    """As many of `candidates` as make up `share` of themselves plus `n` others: m / (n + m) = share, rounded."""
+    return _take(rng, candidates, round(share * n / (1.0 - share)), what)
+
+
+def _draw_labeled(
+    rng: np.random.Generator,
+    anomaly: np.ndarray,
+    y_train: np.ndarray,
+    labeled_class: int,
+    labeled_ratio: float,
+    n_unlabeled: int,
+) -> np.ndarray:
+    """Anomalies of `labeled_class`, as many as make up `labeled_ratio` of them plus the unlabeled images."""
+    of_class = anomaly[y_train[anomaly] == labeled_class]
+    return _draw_share(rng, of_class, labeled_ratio, n_unlabeled, f"labeled anomalies of class {labeled_class}")
+
+
+def _place_unlabeled_normals(unlabeled_normal: np.ndarray, pollution: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train_normal, pool_normal): without pollution the normals are clean training data, else pool images."""
+    empty = np.empty(0, dtype=np.int64)
+    return (unlabeled_normal, empty) if pollution == 0 else (empty, unlabeled_normal)
+
+
 def deepsad_split(
     y_train: np.ndarray,
     y_test: np.ndarray,
@@ -187,55 +248,26 @@ def deepsad_split(
         ValueError: a parameter is out of range, or there are too few images for the requested counts.
     """
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
-    classes = range(len(CLASSES))
-    if normal_class not in classes:
-        raise ValueError(
-            f"normal_class={normal_class!r} is not a class index; allowed: 0..{len(CLASSES) - 1}"
-        )
-    others = [c for c in classes if c != normal_class]
-    if labeled_class is not None and labeled_class not in others:
-        raise ValueError(
-            f"labeled_class={labeled_class!r} must be an anomaly class; allowed: {others} "
-            f"(0..{len(CLASSES) - 1} except normal_class={normal_class})"
-        )
+    others = _anomaly_classes(normal_class, labeled_class)
     _check_fraction("pollution", pollution, 0.5)
     _check_fraction("labeled_ratio", labeled_ratio, 0.5)
     _check_fraction("val_fraction", val_fraction, 1.0)
     # One independent stream per draw: changing pollution must not move the val set, and naming the
     # labeled class explicitly must not change the pollution.
-    rng_val, rng_class, rng_pollution, rng_labeled = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)
-    )
-    normal = np.flatnonzero(y_train == normal_class)
-    if len(normal) == 0:
-        raise ValueError(f"no train images of normal_class={normal_class}")
-    anomaly = np.flatnonzero(y_train != normal_class)
-
-    val_normal = _take(rng_val, normal, round(val_fraction * len(normal)), "val normals")
-    val_anomaly = _take(rng_val, anomaly, len(val_normal) // 5, "val anomalies")
-    unlabeled_normal = np.setdiff1d(normal, val_normal)
-    anomaly = np.setdiff1d(anomaly, val_anomaly)
-
-    n = len(unlabeled_normal)
-    pool_anomaly = _take(
-        rng_pollution, anomaly, round(pollution * n / (1.0 - pollution)), "polluting anomalies"
-    )
+    rng_val, rng_class, rng_pollution, rng_labeled = _independent_rngs(seed, 4)
+    normal, anomaly = _normal_and_anomaly(y_train, normal_class)
+    val_normal, val_anomaly = _draw_val(rng_val, normal, anomaly, val_fraction)
+    # Each later draw takes only what the earlier ones left, so no image is in two parts.
+    unlabeled_normal, anomaly = np.setdiff1d(normal, val_normal), np.setdiff1d(anomaly, val_anomaly)
+    pool_anomaly = _draw_share(rng_pollution, anomaly, pollution, len(unlabeled_normal), "polluting anomalies")
     anomaly = np.setdiff1d(anomaly, pool_anomaly)
-
-    if labeled_class is None:
-        labeled_class = int(rng_class.choice(others))
-    n_unlabeled = n + len(pool_anomaly)
-    labeled_anomaly = _take(
-        rng_labeled,
-        anomaly[y_train[anomaly] == labeled_class],
-        round(labeled_ratio * n_unlabeled / (1.0 - labeled_ratio)),
-        f"labeled anomalies of class {labeled_class}",
-    )
-    empty = np.empty(0, dtype=np.int64)
-    clean = pollution == 0
+    labeled_class = int(rng_class.choice(others)) if labeled_class is None else labeled_class
+    n_unlabeled = len(unlabeled_normal) + len(pool_anomaly)
+    labeled_anomaly = _draw_labeled(rng_labeled, anomaly, y_train, labeled_class, labeled_ratio, n_unlabeled)
+    train_normal, pool_normal = _place_unlabeled_normals(unlabeled_normal, pollution)
     return DeepSADSplit(
-        train_normal=unlabeled_normal if clean else empty,
-        pool_normal=empty if clean else unlabeled_normal,
+        train_normal=train_normal,
+        pool_normal=pool_normal,
         pool_anomaly=pool_anomaly,
         labeled_anomaly=labeled_anomaly,
         val_normal=val_normal,

@@ -157,6 +157,77 @@ def _read_mask(path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray | None, s
     return np.where(gray > 0, 255, 0).astype(np.uint8), ""
 
 
+# (kind, id, record) of an image found, before its split is set: defects get theirs as a group.
+_Found = tuple[str, str, ImageRecord]
+
+
+def _check_folders(folders: dict[str, Path | None]) -> None:
+    """Every folder given (by kind) must exist."""
+    for kind, folder in folders.items():
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"{kind} folder {folder} does not exist or is not a folder")
+
+
+def _load(path: Path, source: str, first_path: dict[str, str]) -> tuple[str, np.ndarray] | Skipped:
+    """The id and pixels of the image file at `path`, or why it is skipped: not an image suffix, unreadable, a
+    duplicate of an id in `first_path` (checked before decoding, so a copy is never decoded), or undecodable."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return Skipped(source, "not an image suffix")
+    data, why = _read(path)
+    if data is None:
+        return Skipped(source, why)
+    image_id = stable_id("folder", hashlib.sha1(data).hexdigest())
+    if image_id in first_path:
+        return Skipped(source, f"duplicate of {first_path[image_id]}")
+    pixels, why = _decode(data)
+    if pixels is None:
+        return Skipped(source, why)
+    return image_id, pixels
+
+
+def _scan(folders: dict[str, Path | None], mask_dir: Path | None) -> tuple[list[_Found], list[Skipped], int]:
+    """Every image in `folders` (with its mask, for defects when `mask_dir` is given), the files skipped in the
+    order met, and how many defect images had a mask file, usable or not."""
+    found: list[_Found] = []
+    skipped: list[Skipped] = []
+    mask_files = 0
+    first_path: dict[str, str] = {}  # id -> path it was imported from
+    for kind, folder in folders.items():
+        if folder is None:
+            continue
+        for path in _walk(Path(folder)):
+            source = os.path.abspath(path)
+            loaded = _load(path, source, first_path)
+            if isinstance(loaded, Skipped):
+                skipped.append(loaded)
+                continue
+            image_id, pixels = loaded
+            first_path[image_id] = source
+            record = ImageRecord(image_id, pixels, source, "", _TRUTH[kind])
+            if kind == "defect" and mask_dir is not None:
+                record, matched = _with_mask(record, path.relative_to(folder), mask_dir, skipped)
+                mask_files += matched
+            found.append((kind, image_id, record))
+    return found, skipped, mask_files
+
+
+def _check_found(found: list[_Found], normal: Path, mask: Path | None, mask_files: int) -> None:
+    """The scan must have found a normal image and, when there is a mask folder, at least one mask file."""
+    if not any(kind == "normal" for kind, _, _ in found):
+        raise ValueError(f"no readable image ({', '.join(IMAGE_SUFFIXES)}) in normal folder {normal}")
+    if mask is not None and mask_files == 0:
+        # Not one match is a wrong folder or layout, not a few unannotated defects.
+        raise ValueError(f"no defect image has a mask in {mask} (expected the same relative path as the image, "
+                         f"or MVTec's <name>_mask.png)")
+
+
+def _with_splits(found: list[_Found]) -> list[ImageRecord]:
+    """The records with their splits: by hash each, except that defects are split as a group (`defect_splits`)."""
+    defect_ids = [i for kind, i, _ in found if kind == "defect"]
+    split_of = dict(zip(defect_ids, defect_splits(defect_ids), strict=True))
+    return [replace(r, split=split_of.get(i) or split_for(split_fraction(i), kind)) for kind, i, r in found]
+
+
 def import_folders(
     *, normal: Path, defect: Path | None = None, unlabeled: Path | None = None, mask: Path | None = None
 ) -> FolderImport:
@@ -177,52 +248,9 @@ def import_folders(
         ValueError: `normal` holds no readable image; `mask` without `defect`, or no defect image has a mask.
     """
     folders = {"normal": normal, "defect": defect, "unlabeled": unlabeled}
-    for kind, folder in {**folders, "mask": mask}.items():
-        if folder is not None and not Path(folder).is_dir():
-            raise FileNotFoundError(f"{kind} folder {folder} does not exist or is not a folder")
+    _check_folders({**folders, "mask": mask})
     if mask is not None:
         _check_mask_folder(Path(mask), defect)
-
-    found: list[tuple[str, str, ImageRecord]] = []  # (kind, id, record) before splits are set
-    skipped: list[Skipped] = []
-    mask_files = 0  # masks found for defect images, usable or not
-    first_path: dict[str, str] = {}  # id -> path it was imported from
-    for kind, folder in folders.items():
-        if folder is None:
-            continue
-        for path in _walk(Path(folder)):
-            source = os.path.abspath(path)
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped.append(Skipped(source, "not an image suffix"))
-                continue
-            data, why = _read(path)
-            if data is None:
-                skipped.append(Skipped(source, why))
-                continue
-            image_id = stable_id("folder", hashlib.sha1(data).hexdigest())
-            if image_id in first_path:
-                skipped.append(Skipped(source, f"duplicate of {first_path[image_id]}"))
-                continue
-            pixels, why = _decode(data)
-            if pixels is None:
-                skipped.append(Skipped(source, why))
-                continue
-            first_path[image_id] = source
-            record = ImageRecord(image_id, pixels, source, "", _TRUTH[kind])
-            if kind == "defect" and mask is not None:
-                record, matched = _with_mask(record, path.relative_to(folder), Path(mask), skipped)
-                mask_files += matched
-            found.append((kind, image_id, record))
-
-    if not any(kind == "normal" for kind, _, _ in found):
-        raise ValueError(f"no readable image ({', '.join(IMAGE_SUFFIXES)}) in normal folder {normal}")
-    if mask is not None and mask_files == 0:
-        # Not one match is a wrong folder or layout, not a few unannotated defects.
-        raise ValueError(f"no defect image has a mask in {mask} (expected the same relative path as the image, "
-                         f"or MVTec's <name>_mask.png)")
-    defect_ids = [i for kind, i, _ in found if kind == "defect"]
-    split_of = dict(zip(defect_ids, defect_splits(defect_ids), strict=True))
-    records = [
-        replace(r, split=split_of.get(i) or split_for(split_fraction(i), kind)) for kind, i, r in found
-    ]
-    return FolderImport(records=records, skipped=skipped)
+    found, skipped, mask_files = _scan(folders, None if mask is None else Path(mask))
+    _check_found(found, normal, mask, mask_files)
+    return FolderImport(records=_with_splits(found), skipped=skipped)

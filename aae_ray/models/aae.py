@@ -60,10 +60,7 @@ class AdversarialAutoencoder(FamilyModel):
 
     adversarial = True
     native_score = False
-
-    @property
-    def learns_from_defects(self) -> bool:
-        return self.cfg.defect_loss == "push"
+    pushes_defects = True
 
     def __init__(self, cfg: AAEConfig):
         super().__init__()

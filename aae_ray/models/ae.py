@@ -13,10 +13,7 @@ from aae_ray.models.base import FamilyModel, Inference, per_image_mse, step
 
 
 class Autoencoder(FamilyModel):
-
-    @property
-    def learns_from_defects(self) -> bool:
-        return self.cfg.defect_loss == "push"
+    pushes_defects = True
 
     def __init__(self, cfg: AAEConfig):
         super().__init__()

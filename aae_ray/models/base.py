@@ -36,6 +36,7 @@ class FamilyModel(nn.Module):
     precise_bn = True  # recompute BatchNorm statistics on the training normals after training (train.py)
     native_score = True  # False: `inference` gives no score; the Detector scores by T2 of the codes (AAE)
     adversarial = False
+    pushes_defects = False  # the loss honours `defect_loss: push`: confirmed defects' codes pushed out of the prior
     stats_images: int | None = None  # fit T2 on at most this many training normals (a random draw): costly scorers
 
     @property
@@ -47,7 +48,7 @@ class FamilyModel(nn.Module):
     def learns_from_defects(self) -> bool:
         """Whether training treats confirmed defects apart from normals (anomaly_ratio "all" trains them only then:
         a family that would reconstruct them as normals gets none)."""
-        return False
+        return self.pushes_defects and self.cfg.defect_loss == "push"
 
     @property
     def has_local(self) -> bool:

@@ -107,6 +107,14 @@ def next_round(ws: Workspace) -> int:
     return last if unused else last + 1
 
 
+def resumed_round(ws: Workspace) -> int:
+    """The round `--resume` continues: the last one with a tune experiment."""
+    tuned = [n for n in ws.rounds() if experiment_dir(ws, n).exists()]
+    if not tuned:
+        raise ValueError(f"nothing to resume: no round in {ws.root} has a tune experiment")
+    return tuned[-1]
+
+
 def run_tune(ws: Workspace, spec: TuneSpec | None, *, round_no: int, address: str | None = None, resume: bool = False,
              initial_points: list[dict[str, Any]] | None = None, echo: Echo = print) -> TuneOutcome:
     exp = experiment_dir(ws, round_no)
