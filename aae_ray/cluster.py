@@ -4,7 +4,7 @@ gave the worker it runs in.
 Tune (`tuning/runner.py`), Serve (`serve/app.py`) and Ray Data pool scoring (`pool_scoring.py`) all connect and
 place work through here, so `--address`, RAY_ADDRESS, token auth and a replica's GPU mean the same in each.
 
-    started = connect(address)          # join address (or RAY_ADDRESS), or start a local Ray; reuse a connection
+    how = connect(address)              # join address (or RAY_ADDRESS), or start a local Ray; reuse a connection
     device = worker_device()            # in an actor or replica: "cuda" on its GPU, else "cpu" on its CPUs
 """
 

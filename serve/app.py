@@ -186,14 +186,18 @@ def start(cfg: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000, name
 def running(cfg: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
             ingress: str = "haproxy") -> Iterator[str]:
     """Serve for the length of a `with` block on the connected Ray (a local one with this ingress if none); yields
-    the URL. Serve is shut down at the end, Ray left as it was found."""
-    own_ray = connect(local_env=ingress_env(ingress)) == "started"
+    the URL. Serve is shut down at the end (on a cluster joined through RAY_ADDRESS, only this application), Ray
+    left as it was found."""
+    connection = connect(local_env=ingress_env(ingress))
     try:
         start(cfg, host=host, port=port)
         yield f"http://{host}:{port}"
     finally:
-        serve.shutdown()
-        if own_ray:
+        if connection == "joined":  # the cluster's other applications are not ours to stop
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
+        if connection == "started":
             ray.shutdown()
 
 
