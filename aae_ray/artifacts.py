@@ -32,7 +32,7 @@ from aae_ray.atomic import write_text
 from aae_ray.config import AAEConfig, validate
 from aae_ray.detector import Detector
 from aae_ray.scoring import Hotelling, LocalHotelling, LocalNearest, ScoreLimit
-from aae_ray.train import build_model
+from aae_ray.training_loop import build_model
 
 FILES = ("weights.safetensors", "config.json", "t2.json", "score.json", "metrics.json")
 TRAINED_ON = "trained_on.parquet"

@@ -66,7 +66,7 @@ def worker_device() -> str:
     import ray
     import torch
 
-    from aae_ray.train import limit_threads
+    from aae_ray.training_loop import limit_threads
 
     if ray.get_gpu_ids() and torch.cuda.is_available():
         return "cuda"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.resources
-import json
 import signal
 import subprocess
 import sys
@@ -16,9 +15,11 @@ from typing import TYPE_CHECKING
 
 from aae_ray import artifacts, importing
 from aae_ray.config import load_config
-from aae_ray.labels import current_labels, read_events
-from aae_ray.scoring import describe_basis
-from aae_ray.workflow import score_pool, train_round
+from aae_ray.formatting import metric, short
+from aae_ray.labels import current_labels
+from aae_ray.pool_scoring import score_pool
+from aae_ray.status import workspace_status
+from aae_ray.train import train_round
 from aae_ray.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -52,15 +53,15 @@ def train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     m = train_round(ws, cfg, round_no=0, progress=not args.no_progress)
     ws.promote(0, "aae-ray train")
-    print(f"round 0 trained in {time.perf_counter() - start:.0f} s and promoted: val AUROC {_fmt(m['val_auroc'])}, "
-          f"test AUROC {_fmt(m['test_auroc'])}, {m['primary_score']} score threshold {m['threshold']:.3g} "
+    print(f"round 0 trained in {time.perf_counter() - start:.0f} s and promoted: val AUROC {metric(m['val_auroc'])}, "
+          f"test AUROC {metric(m['test_auroc'])}, {m['primary_score']} score threshold {m['threshold']:.3g} "
           f"({m['threshold_method']}), "
           f"prior fit (fresh discriminator) {m['prior_fit']['fresh_disc_acc']:.2f}; model in {ws.model_dir(0)}")
     return 0
 
 
 def recalibrate(args: argparse.Namespace) -> int:
-    from aae_ray.workflow import recalibrate as recalibrate_model
+    from aae_ray.train import recalibrate as recalibrate_model
 
     ws = Workspace.open(args.workspace)
     out = recalibrate_model(ws)
@@ -105,8 +106,8 @@ def _print_tune(ws: Workspace, out: TuneOutcome, seconds: float) -> int:
     spec, round_no = out.spec, out.round_no
     print(f"{'trial':>10}  {'status':<10} {spec.metric:>9}  epochs  params")
     for r in ranked(out.rows, spec)[:10]:
-        params = " ".join(f"{k}={_short(v)}" for k, v in r.params.items())
-        print(f"{r.trial_id:>10}  {r.status:<10} {_fmt(r.metric):>9}  {r.epochs:>6}  {params}"
+        params = " ".join(f"{k}={short(v)}" for k, v in r.params.items())
+        print(f"{r.trial_id:>10}  {r.status:<10} {metric(r.metric):>9}  {r.epochs:>6}  {params}"
               + (f"  ({r.error})" if r.error else ""))
     counts = Counter(r.status for r in out.rows)
     tally = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
@@ -122,8 +123,9 @@ def _print_tune(ws: Workspace, out: TuneOutcome, seconds: float) -> int:
     print(f"best config: {m['config']}")
     source = "val" if out.objective_source == "val" else "synthetic corruptions (no labeled defects in val)"
     print(f"tuned round {round_no} in {seconds:.0f} s: {len(out.rows)} trials ({tally}); best "
-          f"{out.best.trial_id} {spec.metric} {_fmt(out.best.metric)} on {source}, val AUROC {_fmt(m['val_auroc'])}, "
-          f"test AUROC {_fmt(m['test_auroc'])}; model {ws.model_dir(round_no)} {promoted}; report {out.report}")
+          f"{out.best.trial_id} {spec.metric} {metric(out.best.metric)} on {source}, val AUROC "
+          f"{metric(m['val_auroc'])}, test AUROC {metric(m['test_auroc'])}; model {ws.model_dir(round_no)} "
+          f"{promoted}; report {out.report}")
     return 0
 
 
@@ -218,7 +220,7 @@ def round_(args: argparse.Namespace) -> int:  # `round` would shadow the builtin
     labels = Counter(current_labels(ws.labels_dir).values())
     print(f"round {out.round_no} in {time.perf_counter() - start:.0f} s: "
           f"{'promoted' if out.promoted else 'kept the current model'} ({out.reason}); test AUROC "
-          f"{_fmt(out.metrics.get('test_auroc'))}; labels so far {dict(labels) or 'none'}; queue in {out.queue}")
+          f"{metric(out.metrics.get('test_auroc'))}; labels so far {dict(labels) or 'none'}; queue in {out.queue}")
     return 0
 
 
@@ -235,45 +237,37 @@ def simulate(args: argparse.Namespace) -> int:
     by_chance = random_curve[len(found) - 1] if found else 0.0
     print(f"simulated {args.rounds} round(s): {sum(found)} defects in {len(found)} labels (random labeling: "
           f"{by_chance:.1f}); current model's test AUROC by round: "
-          f"{' -> '.join(_fmt(a) for a in doc['test_auroc_by_round'])}; plot in {doc['plot']}")
+          f"{' -> '.join(metric(a) for a in doc['test_auroc_by_round'])}; plot in {doc['plot']}")
     return 0
 
 
 def status(args: argparse.Namespace) -> int:
-    ws = Workspace.open(args.workspace)
-    table = ws.images()
-    splits = Counter(table.column("split").to_pylist())
-    print(f"workspace {ws.root}")
-    for imp in ws.settings()["imports"]:
+    st = workspace_status(Workspace.open(args.workspace))
+    print(f"workspace {st.root}")
+    for imp in st.imports:
         print(f"  import {imp['at']}: {imp['source']}, {imp['images']} images ({imp['added']} new, "
               f"{imp['skipped']} skipped)")
-    print("  images: " + ", ".join(f"{k} {splits.get(k, 0)}" for k in ("train", "val", "test", "pool")))
-    labels = Counter(current_labels(ws.labels_dir).values())
-    print("  labels: " + (", ".join(f"{k} {v}" for k, v in sorted(labels.items())) or "none yet"))
-    cur = ws.current()
-    events = read_events(ws.labels_dir).to_pylist()
-    for n in ws.rounds():
-        folder = ws.model_dir(n)
-        answered = Counter(e["label"] for e in events if e["round"] == n)
-        on_queue = (" labels on its queue: " + ", ".join(f"{k} {v}" for k, v in sorted(answered.items()))
-                    if answered else "")
-        if not (folder / "metrics.json").exists():
-            print(f"  round {n}: no model{';' if on_queue else ''}{on_queue}")
+    print("  images: " + ", ".join(f"{k} {v}" for k, v in st.splits.items()))
+    print("  labels: " + (", ".join(f"{k} {v}" for k, v in st.labels.items()) or "none yet"))
+    for r in st.rounds:
+        on_queue = (" labels on its queue: " + ", ".join(f"{k} {v}" for k, v in r.answered.items())
+                    if r.answered else "")
+        if r.metrics is None:
+            print(f"  round {r.round}: no model{';' if on_queue else ''}{on_queue}")
             continue
-        m = artifacts.read_metrics(folder)
-        mark = " (current)" if cur and cur["round"] == n else ""
-        print(f"  round {n}{mark}: val AUROC {_fmt(m.get('val_auroc'))}, test AUROC {_fmt(m.get('test_auroc'))}"
-              + (f";{on_queue}" if on_queue else ""))
-        _print_tune_summary(ws.round_dir(n))
+        mark = " (current)" if st.current and st.current["round"] == r.round else ""
+        print(f"  round {r.round}{mark}: val AUROC {metric(r.metrics.get('val_auroc'))}, test AUROC "
+              f"{metric(r.metrics.get('test_auroc'))}" + (f";{on_queue}" if on_queue else ""))
+        if r.tune:
+            _print_tune_summary(r.tune)
+        if r.report:
+            print(f"    report: {r.report}")
+    cur = st.current
     print(f"current model: {cur['model']} (round {cur['round']})" if cur else "current model: none")
     if cur:
-        m = artifacts.read_metrics(ws.current_model_dir())
-        alpha = artifacts.read_config(ws.current_model_dir()).alpha
-        basis, n_cal = m.get("threshold_basis") or m.get("threshold_method"), m.get("n_calibration")
-        note = describe_basis(basis, n_cal, alpha) if n_cal is not None else f"threshold basis {basis}"
-        print(f"threshold: {_fmt(m.get('threshold'))}; {note}")
-        if "contamination" in m:
-            print(f"hidden defects: {m['contamination']['note']}; t2_trim {m['t2_trim']:.1%}")
+        print(f"threshold: {metric(st.threshold)}; {st.threshold_note}")
+        if st.hidden_defects:
+            print(f"hidden defects: {st.hidden_defects}; t2_trim {st.t2_trim:.1%}")
     return 0
 
 
@@ -324,12 +318,12 @@ def demo(args: argparse.Namespace) -> int:
     print(f"round {out.round_no}: {'promoted' if out.promoted else 'kept the current model'} ({out.reason})")
     _demo_serve(ws, out.queue)
     test = after.get("test") or {}
-    print(f"round {round_no}'s best trial had test AUROC {_fmt(m['test_auroc'])} and {hits}/10 real defects among "
+    print(f"round {round_no}'s best trial had test AUROC {metric(m['test_auroc'])} and {hits}/10 real defects among "
           f"its top pool suspects; labeling found {batch.n_defects} defects in {len(batch.ids)} labels")
     print(f"demo done: the promoted model (round {out.round_no if out.promoted else round_no}) has test image "
-          f"AUROC {_fmt(after.get('test_auroc'))}; at its threshold ({after.get('threshold_method')}, alpha "
-          f"{after.get('config', {}).get('alpha', 0.01)}) it catches {_fmt(test.get('tpr'))} of the test defects with "
-          f"{_fmt(test.get('fpr'))} false alarms. Next: `aae-ray label {ws.root}` to confirm the queue "
+          f"AUROC {metric(after.get('test_auroc'))}; at its threshold ({after.get('threshold_method')}, alpha "
+          f"{after.get('config', {}).get('alpha', 0.01)}) it catches {metric(test.get('tpr'))} of the test defects "
+          f"with {metric(test.get('fpr'))} false alarms. Next: `aae-ray label {ws.root}` to confirm the queue "
           f"({out.queue}) in a browser, `aae-ray serve {ws.root}` for the line")
     return 0
 
@@ -358,24 +352,10 @@ def _demo_serve(ws: Workspace, queue: Path) -> None:
     print(f"answered by round {answer['model']['round']} ({answer['model']['path']}); the endpoint is stopped")
 
 
-def _print_tune_summary(round_dir: Path) -> None:
-    path = round_dir / "tune_summary.json"
-    if not path.exists():
-        return
-    t = json.loads(path.read_text())
+def _print_tune_summary(t: dict) -> None:
     total = sum(t["trials"].values())
     tally = ", ".join(f"{v} {k}" for k, v in sorted(t["trials"].items()))
     best = t.get("best") or {}
     source = "val" if t["objective_source"] == "val" else "synthetic corruptions"
     print(f"    tune: {total} trials ({tally}), best {best.get('trial', 'none')} {t['metric']} "
-          f"{_fmt(best.get(t['metric']))} on {source}" + (" [interrupted: --resume]" if t["interrupted"] else ""))
-    if (round_dir / "report").exists():
-        print(f"    report: {round_dir / 'report'}")
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
-
-
-def _short(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+          f"{metric(best.get(t['metric']))} on {source}" + (" [interrupted: --resume]" if t["interrupted"] else ""))

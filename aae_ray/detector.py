@@ -39,7 +39,7 @@ from aae_ray.scoring import (
     estimate_contamination,
     needed_for_rank,
 )
-from aae_ray.train import EpochCallback, EpochLog, build_model, fit_model, mix_defects, place, to_batch
+from aae_ray.training_loop import EpochCallback, EpochLog, build_model, fit_model, mix_defects, place, to_batch
 
 log = logging.getLogger(__name__)
 INFER_BATCH = 512

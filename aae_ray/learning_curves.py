@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from aae_ray import artifacts
 from aae_ray.dataset import pool_arrays
+from aae_ray.formatting import metric
 from aae_ray.queue import POLICIES, queue_order
 from aae_ray.workspace import Workspace, write_text
 
@@ -101,14 +102,10 @@ def simulate(ws: Workspace, spec, *, rounds: int, labels_per_round: int, address
         done.append({"round": out.round_no, "labels": len(batch.ids), "defects": batch.n_defects,
                      "promoted": out.promoted, "reason": out.reason, "test_auroc": aurocs[-1]})
         echo(f"   round {out.round_no}: {'promoted' if out.promoted else 'kept'} ({out.reason}); current model's "
-             f"test AUROC {_fmt(aurocs[-1])}")
+             f"test AUROC {metric(aurocs[-1])}")
     report = ws.root / "report"
     png = plot(curves, aurocs, report / "active_learning.png", found=found)
     doc = {"policy": policy, "labels_per_round": labels_per_round, "rounds": done, "test_auroc_by_round": aurocs,
            "defects_found": found, "policy_curves": curves}
     write_text(report / "active_learning.json", json.dumps(doc, indent=2) + "\n")
     return {**doc, "plot": png}
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"

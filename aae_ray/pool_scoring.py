@@ -1,9 +1,10 @@
-"""Score the pool with Ray Data: the Parquet image table read in blocks, decoded and scored in batches by a pool of
-actors that each load the model artifact once, on a GPU when one is asked for.
+"""The score stage: the pool scored by the promoted model and the labeling queue written (`score_pool`), in this
+process or with Ray Data (`score_pool_ray`).
 
-Use it for pools too large to decode in one process: `workflow.score_pool` decodes the whole pool into one float32
-array (`dataset.pool_arrays`), which at 1e6 images of 64x64 is 16 GB; the CLI switches to this path above a pool
-size. Only one batch per actor is ever decoded at a time here.
+In process, the whole pool is decoded into one float32 array (`dataset.pool_arrays`), which at 1e6 images of
+64x64 is 16 GB. Ray Data reads the Parquet image table in blocks, decoded and scored in batches by a pool of
+actors that each load the model artifact once, on a GPU when one is asked for; only one batch per actor is ever
+decoded at a time. `score_pool` switches to it above a pool size, or for a cluster's --address.
 
 The results equal in-process scoring (`artifacts.load(model_dir).score(pool_arrays(ws, size).X)`) to float
 precision: the same artifact, the same preprocessing (`to_model_input` at the config's `input_size`), the same
@@ -25,8 +26,64 @@ import pyarrow.parquet as pq
 
 from aae_ray import artifacts
 from aae_ray.cluster import connect, worker_device
+from aae_ray.data.images import write_table_with
+from aae_ray.dataset import pool_arrays
+from aae_ray.queue import queue_order
+from aae_ray.workspace import Workspace
 
 POOL = "pool"
+# `score` is the model family's primary score (T2 for the AAE), which ranks the queue and sets `anomaly`;
+# `t2` is Hotelling's T2 of the latent code for every family.
+SCORES_SCHEMA = pa.schema(
+    [("id", pa.string()), ("t2", pa.float64()), ("p_value", pa.float64()), ("anomaly", pa.bool_()),
+     ("rank", pa.int32()), ("score", pa.float64()), ("t2_local", pa.float64())]
+)
+
+
+# Decoded pool size above which scoring goes through Ray Data (batched actors; in process, the whole pool is
+# decoded at once: 16 GB for a million 64x64 images). Below it, one process is faster (Ray Data costs ~5 s).
+RAY_POOL_BYTES = 2 * 1024**3
+
+
+def score_pool(ws: Workspace, *, round_no: int | None = None, policy: str = "highest", engine: str = "auto",
+               num_gpus: float = 0.0, address: str | None = None) -> tuple[Path, pa.Table]:
+    """Score the pool with the promoted model and write the labeling queue, rank 1 first, to
+    `rounds/rNNN/scores.parquet` (the given round's, else the promoted model's). The policy orders the queue
+    (aae_ray.queue): highest T2 first, diverse in latent space, or closest to the threshold. `engine`: "local"
+    (this process), "ray" (Ray Data, aae_ray.pool_scoring; same scores, on the cluster at `address` if given),
+    or "auto" (Ray with an `address` or above RAY_POOL_BYTES, else this process)."""
+    if engine not in ("auto", "local", "ray"):
+        raise ValueError(f"engine must be auto, local or ray, got {engine!r}")
+    model_dir = ws.current_model_dir()
+    det = artifacts.load(model_dir)
+    size = det.config.input_size
+    if address and engine == "local":
+        raise ValueError("an --address scores on a Ray cluster: use --engine ray or auto, or leave the address out")
+    if engine == "auto" and address:
+        engine = "ray"
+    if engine == "auto":
+        # Only the split column: reading the image bytes just to count would double the I/O of scoring.
+        n_pool = pq.read_table(ws.images_path, columns=["split"]).column("split").to_pylist().count("pool")
+        engine = "ray" if n_pool * size * size * 4 > RAY_POOL_BYTES else "local"
+    if engine == "ray":
+        ps = score_pool_ray(ws.images_path, model_dir, num_gpus=num_gpus, with_codes=policy == "diverse",
+                            address=address)
+        ids, t2, t2_local, score, p_value, anomaly = ps.ids, ps.t2, ps.t2_local, ps.score, ps.p_value, ps.anomaly
+        codes = ps.codes
+    else:
+        pool = pool_arrays(ws, size)
+        s = det.score(pool.X, maps=False)  # an empty pool gives empty scores
+        ids, t2, t2_local, score, p_value, anomaly = pool.ids, s.t2, s.t2_local, s.score, s.p_value, s.anomaly
+        codes = s.codes if policy == "diverse" else None
+    order = queue_order(score, codes, det.threshold_, policy)
+    rank = np.empty(len(t2), dtype=np.int32)
+    rank[order] = np.arange(1, len(t2) + 1)
+    table = pa.table({"id": ids, "t2": t2, "p_value": p_value, "anomaly": anomaly, "rank": rank, "score": score,
+                      "t2_local": t2_local},
+                     schema=SCORES_SCHEMA).take(order)
+    path = ws.round_dir(ws.current()["round"] if round_no is None else round_no) / "scores.parquet"
+    write_table_with(table, path, SCORES_SCHEMA)
+    return path, table
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from aae_ray import artifacts, scoring
-from aae_ray.workflow import recalibrate, score_pool, train_round
+from aae_ray.pool_scoring import score_pool
+from aae_ray.train import recalibrate, train_round
 from aae_ray.workspace import Workspace, write_text
 
 Echo = Callable[[str], None]

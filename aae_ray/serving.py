@@ -1,9 +1,8 @@
 """Scoring over HTTP, without the web framework: settings, the model a replica holds (and reloads when a round is
-promoted), request handling, scoring and the JSON answers. Decoding and limits are in `aae_ray.http_input`.
-
-`serve/app.py` (Ray Serve) is a thin shell over `ScoringService.handle`; any ASGI server can be one too. Nothing
-here imports Ray. The pixels go through `aae_ray.data.images.to_model_input`, the preprocessing of training and
-of `aae-ray score`, so an image's T2 over HTTP equals its offline T2.
+promoted), the three routes' work, scoring and the JSON answers. Decoding and limits are in `aae_ray.http_input`,
+the routes on FastAPI in `aae_ray.http_api`, Ray Serve's deployment in `serve/app.py`. Nothing here imports Ray.
+The pixels go through `aae_ray.data.images.to_model_input`, the preprocessing of training and of
+`aae-ray score`, so an image's T2 over HTTP equals its offline T2.
 
 Status codes (DESIGN.md): 400 undecodable, empty or malformed input; 401 missing or wrong bearer token; 404 unknown
 path; 405 wrong method; 413 body, image count or image pixels over the limits; 415 unsupported content type. Every
@@ -31,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from aae_ray import artifacts
 from aae_ray.detector import Detector
-from aae_ray.http_input import RequestError, check_token, decode_request, parse_flag, prepare, read_body
+from aae_ray.http_input import check_token, decode_request, parse_flag, prepare, read_body
 from aae_ray.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -55,8 +54,6 @@ class ServeSettings(BaseModel):
     replicas: int | Literal["auto"] = 1  # "auto": Serve autoscaling (serve/app.py says the targets)
     num_cpus: float = Field(1.0, ge=0, le=256)  # Ray CPUs a replica reserves; torch gets that many threads
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU a replica when the cluster has GPUs
-    # Who dispatches the three routes: ScoringService.handle ("hand") or FastAPI's router (serve/app.py).
-    router: Literal["hand", "fastapi"] = "hand"
 
     @field_validator("workspace")
     @classmethod
@@ -186,30 +183,7 @@ class ScoringService:
         self._stop.set()
 
     # --- requests ------------------------------------------------------------------------------------------
-    async def handle(self, method: str, path: str, headers: Mapping[str, str], query: Mapping[str, str],
-                     body: AsyncIterator[bytes], score: ScoreFn) -> Reply:
-        """One HTTP request -> a JSON reply. `score` scores one image (batched by the caller, or not)."""
-        try:
-            return await self._route(method, path.rstrip("/") or "/", headers, query, body, score)
-        except RequestError as exc:
-            return Reply(exc.status, {"error": exc.message})
-        except Exception:  # a bug must cost one request, not the replica
-            log.exception("unexpected error on %s %s", method, path)
-            return Reply(500, {"error": "internal error (see the server log)"})
-
-    async def _route(self, method, path, headers, query, body, score) -> Reply:
-        if path not in ROUTES:
-            raise RequestError(404, f"no such path {path[:80]!r}; paths: POST /score, GET /health, GET /model")
-        if method != ROUTES[path]:
-            return Reply(405, {"error": f"{path} takes {ROUTES[path]}"}, {"Allow": ROUTES[path]})
-        if path == "/health":
-            return self.health()
-        if path == "/model":
-            return self.model_info(headers.get("authorization"))
-        return await self.score_request(headers, query, body, score)
-
-    # The three routes, each callable on its own (a web framework's router can call them; RequestError is the
-    # error answer).
+    # The three routes' work (aae_ray.http_api routes to them; a refusal is a RequestError).
     def health(self) -> Reply:
         body = {"status": "ok", "model": self.model.summary(), "batching": dict(self.stats)}
         return Reply(200, body | ({"reload_error": self.reload_error} if self.reload_error else {}))

@@ -23,7 +23,7 @@ from aae_ray.data.synthetic import make_synthetic_records
 from aae_ray.detector import Detector
 from aae_ray.models import FAMILIES
 from aae_ray.scoring import auroc
-from aae_ray.train import build_model
+from aae_ray.training_loop import build_model
 
 SMALL = {"base_channels": 8, "fc_units": 32, "batch_size": 64, "latent_dim": 32, "epochs": 30, "pretrain_epochs": 15,
          "sad_lr": 1e-3}  # Deep SAD at 1e-3: 6 batches an epoch are too few steps for 1e-4

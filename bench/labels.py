@@ -55,8 +55,8 @@ from aae_ray.config import AAEConfig  # noqa: E402
 from aae_ray.data.fashion_mnist import deepsad_split, load_fashion_mnist  # noqa: E402
 from aae_ray.detector import Detector  # noqa: E402
 from aae_ray.rounds import answer_queue, run_round  # noqa: E402
+from aae_ray.train import train_round  # noqa: E402
 from aae_ray.tuning.spec import load_spec, parse_spec  # noqa: E402
-from aae_ray.workflow import train_round  # noqa: E402
 from aae_ray.workspace import Workspace  # noqa: E402
 
 LABELED_RATIO = 0.05

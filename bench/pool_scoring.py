@@ -27,7 +27,7 @@ from aae_ray.config import AAEConfig  # noqa: E402
 from aae_ray.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from aae_ray.data.images import ImageRecord, stable_id  # noqa: E402
 from aae_ray.detector import Detector  # noqa: E402
-from aae_ray.workflow import score_pool  # noqa: E402
+from aae_ray.pool_scoring import score_pool  # noqa: E402
 from aae_ray.workspace import Workspace  # noqa: E402
 
 

@@ -4,17 +4,15 @@ For each image size (32x32, 128x128) a workspace gets a model trained for one ep
 benchmark measures serving, not accuracy). Three servers then serve it at once on loopback:
 - `serve`, batching on: `aae-ray serve`'s application (`serve/app.py`), `@serve.batch` up to 32 images;
 - `serve`, batching off: the same application with a batch of 1;
-- each of these twice when --routers names both: the hand router (`ScoringService.handle`, the default) and FastAPI's
-  (`router: fastapi`, `@serve.ingress`), over the same three route methods;
-- `bare`: one uvicorn process running a FastAPI app over the same `aae_ray.serving.ScoringService` (the same model
-  loading, request decoding, preprocessing and scoring), one image scored per forward pass.
+- `bare`: one uvicorn process running the same FastAPI app (`aae_ray.http_api`) over the same
+  `aae_ray.serving.ScoringService` (the same model loading, request decoding, preprocessing and scoring), one image
+  scored per forward pass.
 Each gets the same torch thread count. A load generator in a separate process keeps C clients (threads with
 keep-alive connections) posting one PNG each (a raw `image/png` body) for --seconds; it counts requests, errors
 (anything but 200) and latencies. Every (server, clients, size) cell is measured --repeats times, the servers
 taking turns, and the table reports the medians.
 
-    python bench/serve_load.py [--sizes 32 128] [--clients 1 8 32] [--routers hand fastapi] [--seconds 5]
-                               [--repeats 3]
+    python bench/serve_load.py [--sizes 32 128] [--clients 1 8 32] [--seconds 5] [--repeats 3]
 
 Targets (this 2-core machine): with batching at 32 clients, throughput >= 1.0x the bare server and p99 <= 100 ms
 for 32x32.
@@ -46,22 +44,14 @@ THREADS = 2  # torch threads for every server: the machine's cores
 def bare_server(workspace: str, port: int) -> None:
     import torch
     import uvicorn
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
 
+    from aae_ray.http_api import http_api
     from aae_ray.serving import ScoringService, settings
 
     torch.set_num_threads(THREADS)
     service = ScoringService(settings(workspace=workspace, num_cpus=THREADS))
-    app = FastAPI()
-
-    @app.api_route("/{path:path}", methods=["GET", "POST"])
-    async def any_path(request: Request) -> JSONResponse:
-        reply = await service.handle(request.method, request.url.path, request.headers, request.query_params,
-                                     request.stream(), service.score_unbatched)
-        return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
-
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    api = http_api(lambda: (service, service.score_unbatched))  # Serve's routes, one image a forward pass
+    uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning")
 
 
 # --- the load generator (its own process, so its threads do not share the driver's interpreter) ---------------
@@ -156,27 +146,23 @@ def markdown(doc: dict) -> str:
              f"{doc['settings']['seconds']} s a cell, medians of {doc['settings']['repeats']} runs taken in turns; "
              f"the load generator runs on the same 2 cores. Torch threads per server: {THREADS}. Each Serve "
              "ingress ran in its own Ray session with the bare server beside it (`phase`).", "",
-             "| phase | image | clients | server | ingress | router | batching | req/s | p50 ms | p99 ms | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| phase | image | clients | server | ingress | batching | req/s | p50 ms | p99 ms | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         lines.append(f"| {r['phase']} | {r['image_size']}x{r['image_size']} | {r['clients']} | {r['server']} | "
-                     f"{r['ingress']} | {r['router']} | {'on' if r['batching'] else 'off'} | {r['rps']:.1f} | "
-                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+                     f"{r['ingress']} | {'on' if r['batching'] else 'off'} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
+                     f"{r['p99_ms']:.1f} | {r['errors']} |")
     lines += ["", "Targets: with batching at 32 clients, throughput >= 1.0x the bare server and p99 <= 100 ms "
               "(32x32).", ""]
     for t in doc["targets"].values():
-        lines.append(f"- {t['ingress']} ingress, {t['router']} router, {t['image_size']}x{t['image_size']}, "
-                     f"{t.get('clients', 32)} clients: serve (batching) / bare throughput = "
-                     f"**{t['throughput_ratio']:.2f}**, serve p99 = **{t['p99_ms']:.1f} ms**")
-    if doc.get("routers"):
-        lines += ["", "FastAPI router / hand router, same phase, size, clients and batching (throughput; p99):", ""]
-        lines += [f"- {r}" for r in doc["routers"]]
+        lines.append(f"- {t['ingress']} ingress, {t['image_size']}x{t['image_size']}, 32 clients: serve "
+                     f"(batching) / bare throughput = **{t['throughput_ratio']:.2f}**, serve p99 = "
+                     f"**{t['p99_ms']:.1f} ms**")
     return "\n".join(lines) + "\n"
 
 
-def phase(ingress: str, sizes: list[int], clients_list: list[int], routers: list[str], seconds: float,
-          repeats: int) -> list[dict]:
-    """One Ray session with one Serve ingress: every cell of every server, `repeats` times, in turns."""
+def phase(ingress: str, sizes: list[int], clients_list: list[int], seconds: float, repeats: int) -> list[dict]:
+    """One Ray session with one Serve ingress: every cell of the three servers, `repeats` times, in turns."""
     import ray
     from ray import serve
 
@@ -187,43 +173,39 @@ def phase(ingress: str, sizes: list[int], clients_list: list[int], routers: list
     cells = []
     # Logical CPUs for two deployments of THREADS each (a replica's torch threads = its CPUs): both share the
     # machine's real cores, and only one of them is under load at a time.
-    ray.init(address="local", num_cpus=2 * len(routers) * THREADS, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2 * THREADS, include_dashboard=False, log_to_driver=False)
     serve_port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             ws, image = make_workspace(Path(tmp), size)
             servers = {}
-            apps = []
-            for router in routers:
-                for batching, max_batch in ((True, 32), (False, 1)):
-                    name = f"s{size}{router}{'on' if batching else 'off'}"
-                    start(settings(workspace=ws, max_batch_size=max_batch, num_cpus=THREADS, router=router),
-                          port=serve_port, name=name, route_prefix=f"/{name}")
-                    servers[("serve", batching, router)] = f"http://127.0.0.1:{serve_port}/{name}"
-                    apps.append(name)
+            for batching, max_batch in ((True, 32), (False, 1)):
+                prefix = f"/s{size}{'on' if batching else 'off'}"
+                start(settings(workspace=ws, max_batch_size=max_batch, num_cpus=THREADS), port=serve_port,
+                      name=prefix.strip("/"), route_prefix=prefix)
+                servers[("serve", batching)] = f"http://127.0.0.1:{serve_port}{prefix}"
             bare_port = free_port()
             bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(ws), str(bare_port)])
-            servers[("bare", False, "fastapi")] = f"http://127.0.0.1:{bare_port}"
+            servers[("bare", False)] = f"http://127.0.0.1:{bare_port}"
             try:
-                for (server, _, _), url in servers.items():
+                for (server, _), url in servers.items():
                     wait_healthy(url, bare if server == "bare" else None)
                     run_load(url + "/score", 4, 1.0, image)  # warm-up: first batches, lazy imports
                 for rep in range(repeats):
                     for clients in clients_list:
-                        for (server, batching, router), url in servers.items():
+                        for (server, batching), url in servers.items():
                             r = run_load(url + "/score", clients, seconds, image)
                             cells.append({"server": server, "ingress": ingress if server == "serve" else "uvicorn",
-                                          "router": router, "batching": batching, "clients": clients,
-                                          "image_size": size, **r})
-                            print(f"[{ingress}] {size}x{size} rep {rep + 1} {server:5} {router:7} batching "
+                                          "batching": batching, "clients": clients, "image_size": size, **r})
+                            print(f"[{ingress}] {size}x{size} rep {rep + 1} {server:5} batching "
                                   f"{'on ' if batching else 'off'} {clients:2} clients: {r['rps']:7.1f} req/s "
                                   f"p50 {r['p50_ms']:6.1f} ms p99 {r['p99_ms']:6.1f} ms errors {r['errors']}",
                                   file=sys.stderr, flush=True)
             finally:
                 bare.terminate()
                 bare.wait(timeout=30)
-                for name in apps:
-                    serve.delete(name)
+                for batching in (True, False):
+                    serve.delete(f"s{size}{'on' if batching else 'off'}")
     serve.shutdown()
     ray.shutdown()
     return cells
@@ -232,20 +214,19 @@ def phase(ingress: str, sizes: list[int], clients_list: list[int], routers: list
 def summarise(cells: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
-        key = (c["ingress"] if c["server"] == "serve" else c["phase"], c["server"], c.get("router", "hand"),
-               c["batching"], c["clients"], c["image_size"])
+        key = (c["ingress"] if c["server"] == "serve" else c["phase"], c["server"], c["batching"], c["clients"],
+               c["image_size"])
         groups.setdefault(key, []).append(c)
     rows = []
     for runs in groups.values():
         c = runs[0]
-        rows.append({"server": c["server"], "ingress": c["ingress"], "phase": c["phase"],
-                     "router": c.get("router", "hand"), "batching": c["batching"],
+        rows.append({"server": c["server"], "ingress": c["ingress"], "phase": c["phase"], "batching": c["batching"],
                      "clients": c["clients"], "image_size": c["image_size"],
                      **{k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p99_ms")},
                      "errors": sum(r["errors"] for r in runs), "runs": [
                          {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "errors", "requests")} for r in runs]})
     return sorted(rows, key=lambda r: (r["phase"], r["image_size"], r["clients"], r["server"] == "bare",
-                                       r["router"] != "hand", not r["batching"]))
+                                       not r["batching"]))
 
 
 def main() -> None:
@@ -253,7 +234,6 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--ingress", nargs="+", default=["haproxy", "python"], choices=["haproxy", "python"])
-    ap.add_argument("--routers", nargs="+", default=["hand", "fastapi"], choices=["hand", "fastapi"])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -275,30 +255,16 @@ def main() -> None:
         for size in args.sizes:
             pick = [r for r in rows if r["phase"] == ingress and r["image_size"] == size
                     and r["clients"] == max(args.clients)]
+            on = next((r for r in pick if r["server"] == "serve" and r["batching"]), None)
             bare = next((r for r in pick if r["server"] == "bare"), None)
-            for router in args.routers:
-                on = next((r for r in pick if r["server"] == "serve" and r["batching"] and r["router"] == router),
-                          None)
-                if on and bare:
-                    targets[f"{ingress} {router} {size}"] = {
-                        "ingress": ingress, "router": router, "image_size": size, "clients": on["clients"],
-                        "p99_ms": on["p99_ms"],
-                        "throughput_ratio": on["rps"] / bare["rps"]}
-    comparisons = []
-    for r in rows:
-        if r["server"] == "serve" and r["router"] == "fastapi":
-            hand = next((h for h in rows if h["server"] == "serve" and h["router"] == "hand" and all(
-                h[k] == r[k] for k in ("phase", "image_size", "clients", "batching"))), None)
-            if hand:
-                comparisons.append(f"{r['phase']} {r['image_size']}x{r['image_size']} {r['clients']:2} clients "
-                                   f"batching {'on' if r['batching'] else 'off'}: {r['rps'] / hand['rps']:.2f}x; "
-                                   f"p99 {r['p99_ms']:.1f} vs {hand['p99_ms']:.1f} ms")
+            if on and bare:
+                targets[f"{ingress} {size}"] = {"ingress": ingress, "image_size": size, "p99_ms": on["p99_ms"],
+                                                "throughput_ratio": on["rps"] / bare["rps"]}
     doc = {"machine": machine(), "commit": COMMIT, "seconds": round(time.perf_counter() - t_start),
            "settings": {"seconds": args.seconds, "repeats": args.repeats, "torch_threads": THREADS,
-                        "routers": args.routers,
                         "max_batch_size": 32, "request": "one PNG, raw image/png body",
                         "ingress_env": envs},
-           "rows": rows, "targets": targets, "routers": comparisons}
+           "rows": rows, "targets": targets}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_load.json").write_text(json.dumps(doc, indent=2) + "\n")
     (args.out / "serve_load.md").write_text(markdown(doc))
@@ -311,8 +277,7 @@ if __name__ == "__main__":
         bare_server(sys.argv[2], int(sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "--phase":
         opts = json.loads(sys.argv[3])
-        print(json.dumps(phase(sys.argv[2], opts["sizes"], opts["clients"], opts["routers"], opts["seconds"],
-                               opts["repeats"])))
+        print(json.dumps(phase(sys.argv[2], opts["sizes"], opts["clients"], opts["seconds"], opts["repeats"])))
     elif len(sys.argv) > 1 and sys.argv[1] == "--load":
         url, clients, seconds, image = sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), Path(sys.argv[5])
         print(json.dumps(load(url, clients, seconds, image.read_bytes())))

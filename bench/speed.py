@@ -3,7 +3,7 @@
 
 Baselines in the same run: the same AAE without its spatial latent (global T2 only), the plain AE of the same
 shape (the cost of the adversarial steps), and the default in torch's plain memory layout (what channels-last,
-aae_ray.train.memory_format, buys on the CPU). Each number is the median of `--repeats` runs, the rows
+aae_ray.training_loop.memory_format, buys on the CPU). Each number is the median of `--repeats` runs, the rows
 interleaved so that a slow spell of the machine falls on all of them; training is timed on the last epoch of each
 run (the first pays for allocator warm-up). Run alone: other work on the 2 cores skews the numbers.
 
@@ -25,12 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from fmnist import machine, resize32  # noqa: E402  (bench scripts share helpers, not a package)
 
-import aae_ray.train  # noqa: E402
+import aae_ray.training_loop  # noqa: E402
 from aae_ray.config import AAEConfig  # noqa: E402
 from aae_ray.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from aae_ray.detector import Detector  # noqa: E402
 
-CHANNELS_LAST = aae_ray.train.memory_format
+CHANNELS_LAST = aae_ray.training_loop.memory_format
 PLAIN = lambda device: torch.contiguous_format  # noqa: E731
 # (row name, config fields over the default, memory layout)
 ROWS = (
@@ -42,14 +42,14 @@ ROWS = (
 
 
 def measure_once(cfg: AAEConfig, layout, X: np.ndarray, Xt: np.ndarray) -> tuple[float, float]:
-    aae_ray.train.memory_format = layout
+    aae_ray.training_loop.memory_format = layout
     try:
         det = Detector(cfg).fit(X)
         t0 = time.perf_counter()
         det.score(Xt, maps=False)
         return det.history_[-1].images_per_s, len(Xt) / (time.perf_counter() - t0)
     finally:
-        aae_ray.train.memory_format = CHANNELS_LAST
+        aae_ray.training_loop.memory_format = CHANNELS_LAST
 
 
 def main() -> None:

@@ -4,15 +4,12 @@
     aae-ray serve WS [--host 127.0.0.1] [--port 8000] [--replicas N|auto] [--token T] [--max-batch B]
                      [--ingress haproxy|python]
 
-A thin shell: request handling, limits, scoring and hot reload live in `aae_ray.serving`. Here: the deployment,
-its batching (`@serve.batch` over single images, so a request of k images adds k items and any mix of requests
-fills a forward pass), its resources and autoscaling, and starting and stopping Serve.
+A thin shell: the routes are `aae_ray.http_api`'s, limits, scoring and hot reload `aae_ray.serving`'s. Here: the
+deployment, its batching (`@serve.batch` over single images, so a request of k images adds k items and any mix of
+requests fills a forward pass), its resources and autoscaling, and starting and stopping Serve.
 """
 
-# No `from __future__ import annotations` here: FastAPI reads a route's parameter types at run time, and through
-# Serve's ingress wrapper a string "Request" no longer resolves (it became a required query parameter, 422).
 import asyncio
-import logging
 import os
 import signal
 import threading
@@ -21,19 +18,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import ray
-from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse
 
 from aae_ray.cluster import cluster_resources, connect, worker_device
-from aae_ray.http_input import RequestError
-from aae_ray.serving import ROUTES, Item, Reply, ScoringService, ServeSettings, free_port, settings
+from aae_ray.http_api import http_api
+from aae_ray.serving import Item, ScoringService, ServeSettings, free_port, settings
 
 APP_NAME = "aae-ray"
-log = logging.getLogger(__name__)
 # Serve's shutdown sends the driver a harmless error line; printing it makes Ray replace builtins.print for its
 # progress bars (ray.experimental.tqdm_ray), after which pickling anything holding `print` (a Tuner's echo=print)
 # fails in this process. Only the driver reads this, when it first prints such a line.
@@ -63,8 +55,17 @@ def ingress_env(ingress: str) -> dict[str, str]:
     return env
 
 
-class _Replica:
-    """What a replica holds whatever routes its requests: the scoring service and the batched scorer."""
+def _current() -> tuple[ScoringService, Callable]:
+    """The routes' service and batched scorer: this replica's (Serve's context names the instance it runs; a
+    module global would not do, since Serve ships the deployment class to its replicas by value)."""
+    replica = serve.get_replica_context().servable_object
+    return replica.service, replica.score_one
+
+
+@serve.deployment
+@serve.ingress(http_api(_current))
+class Scorer:
+    """One replica: the scoring service (the model, hot reload) and the batched scorer behind the routes."""
 
     def __init__(self, cfg: ServeSettings):
         self.service = ScoringService(cfg, worker_device())
@@ -80,70 +81,6 @@ class _Replica:
     def __del__(self):  # Serve calls it when the replica shuts down
         if hasattr(self, "service"):
             self.service.stop()
-
-
-@serve.deployment
-class Scorer(_Replica):
-    """The default: the three routes dispatched by `ScoringService.handle`."""
-
-    async def __call__(self, request: Request) -> JSONResponse:
-        path, root = request.scope["path"], request.scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
-        reply = await self.service.handle(request.method, path, request.headers, request.query_params,
-                                          request.stream(), self.score_one)
-        return _json(reply)
-
-
-def _json(reply: Reply) -> JSONResponse:
-    return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
-
-
-def _fastapi() -> FastAPI:
-    """FastAPI's router in front of the same three routes (`router: fastapi`), errors kept as {"error": ...}."""
-    api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-
-    @api.exception_handler(StarletteHTTPException)
-    async def _routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        path = request.url.path[len(request.scope.get("root_path", "")):] or "/"
-        if exc.status_code == 404:
-            message = f"no such path {path[:80]!r}; paths: POST /score, GET /health, GET /model"
-        elif exc.status_code == 405 and path in ROUTES:
-            message = f"{path} takes {ROUTES[path]}"
-        else:
-            message = str(exc.detail)
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
-
-    @api.exception_handler(RequestError)
-    async def _bad_request(request: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-    @api.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:  # a bug costs one request, not the replica
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal error (see the server log)"}, status_code=500)
-
-    return api
-
-
-api = _fastapi()
-
-
-@serve.deployment
-@serve.ingress(api)
-class FastAPIScorer(_Replica):
-    @api.get("/health")
-    async def health(self) -> JSONResponse:
-        return _json(self.service.health())
-
-    @api.get("/model")
-    async def model(self, request: Request) -> JSONResponse:
-        return _json(self.service.model_info(request.headers.get("authorization")))
-
-    @api.post("/score")
-    async def score(self, request: Request) -> JSONResponse:
-        return _json(await self.service.score_request(request.headers, request.query_params, request.stream(),
-                                                      self.score_one))
 
 
 def deployment_options(cfg: ServeSettings) -> dict[str, Any]:
@@ -166,8 +103,7 @@ def deployment_options(cfg: ServeSettings) -> dict[str, Any]:
 
 
 def application(cfg: ServeSettings):
-    deployment = FastAPIScorer if cfg.router == "fastapi" else Scorer
-    return deployment.options(**deployment_options(cfg)).bind(cfg)
+    return Scorer.options(**deployment_options(cfg)).bind(cfg)
 
 
 def build_app(args: dict[str, str]):

@@ -7,7 +7,7 @@ from conftest import tiny_config
 
 from aae_ray.detector import Detector, Scores
 from aae_ray.scoring import auroc, f_ucl
-from aae_ray.train import build_model, mix_defects
+from aae_ray.training_loop import build_model, mix_defects
 
 # --- the contract --------------------------------------------------------------------------------------------
 
@@ -42,13 +42,13 @@ def test_the_default_aae_scores_by_the_combined_global_and_local_t2(fitted, sold
 
 
 def test_scores_do_not_depend_on_the_cpu_memory_layout(fitted, solder, monkeypatch):
-    """Channels-last on the CPU is a speed choice (aae_ray.train.memory_format), never a change of answers."""
-    import aae_ray.train
+    """Channels-last on the CPU is a speed choice (aae_ray.training_loop.memory_format), never a change of answers."""
+    import aae_ray.training_loop
 
     X = solder.X[::9]
     fast = fitted.score(X)
     assert next(fitted.model_.encoder.parameters()).is_contiguous(memory_format=torch.channels_last)
-    monkeypatch.setattr(aae_ray.train, "memory_format", lambda device: torch.contiguous_format)
+    monkeypatch.setattr(aae_ray.training_loop, "memory_format", lambda device: torch.contiguous_format)
     plain = fitted.score(X)
     assert next(fitted.model_.encoder.parameters()).is_contiguous()
     np.testing.assert_allclose(plain.t2, fast.t2, rtol=1e-4, atol=1e-4)

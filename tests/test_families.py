@@ -15,10 +15,10 @@ from conftest import POISONED_LR, TINY_SET, run_cli, tiny_config
 from aae_ray import artifacts, serving
 from aae_ray.detector import Detector
 from aae_ray.models import FAMILIES
+from aae_ray.pool_scoring import score_pool
 from aae_ray.scoring import ScoreLimit, auroc
-from aae_ray.train import TrainingDiverged
+from aae_ray.training_loop import TrainingDiverged
 from aae_ray.tuning.spec import parse_spec
-from aae_ray.workflow import score_pool
 from aae_ray.workspace import Workspace
 
 NATIVE = [f for f in FAMILIES if f not in ("aae", "patch")]  # the families scored by their own score, not T2

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from aae_ray.config import AAEConfig, ConfigError, load_config
-from aae_ray.train import TrainingDiverged, build_model, fit_model, mix_defects
+from aae_ray.training_loop import TrainingDiverged, build_model, fit_model, mix_defects
 
 # --- every architecture of the source research's space builds and runs ----------------------------------------
 

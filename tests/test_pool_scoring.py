@@ -13,8 +13,7 @@ from conftest import TINY_SET, run_cli
 
 from aae_ray import artifacts
 from aae_ray.dataset import pool_arrays
-from aae_ray.pool_scoring import PoolScores, score_pool_ray
-from aae_ray.workflow import score_pool
+from aae_ray.pool_scoring import PoolScores, score_pool, score_pool_ray
 from aae_ray.workspace import Workspace
 
 

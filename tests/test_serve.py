@@ -25,7 +25,7 @@ from test_serving import multipart, png_bomb
 from aae_ray import artifacts, serving
 from aae_ray.client import Client, ServeError
 from aae_ray.data.images import to_model_input
-from aae_ray.workflow import train_round
+from aae_ray.train import train_round
 from aae_ray.workspace import Workspace
 
 TOKEN = "s3cret-token"
@@ -61,9 +61,6 @@ def served(ray_local, scored_ws, tmp_path_factory):
         app.start(serving.settings(**common), port=port, name="open", route_prefix="/")
         app.start(serving.settings(**common, token=TOKEN, replicas="auto"), port=port, name="secure",
                   route_prefix="/secure")
-        fast = {**common, "num_cpus": 0.25, "router": "fastapi"}  # the same routes behind FastAPI's router
-        app.start(serving.settings(**fast), port=port, name="fast", route_prefix="/fast")
-        app.start(serving.settings(**fast, token=TOKEN), port=port, name="fast-secure", route_prefix="/fast/secure")
         yield f"http://127.0.0.1:{port}", ws_dir
     finally:
         serve.shutdown()
@@ -126,10 +123,8 @@ def test_the_pool_scores_over_http_equal_aae_ray_score(served):
     assert sum(g["anomaly"] != o["anomaly"] for g, o in zip(got, offline, strict=True)) <= 1
 
 
-@pytest.mark.parametrize("router", ["hand", "fastapi"])
-def test_multipart_json_and_raw_bodies_give_the_same_answer(served, image, router):
+def test_multipart_json_and_raw_bodies_give_the_same_answer(served, image):
     url, _ = served
-    url += "/fast" if router == "fastapi" else ""
     ct, body = multipart([("file", "a.png", image), ("file", "b.png", image)])
     answers = [
         requests.post(f"{url}/score", data=body, headers={"Content-Type": ct}, timeout=TIMEOUT),
@@ -238,11 +233,9 @@ def _fill(value, image: bytes):
     return value
 
 
-@pytest.mark.parametrize("router", ["hand", "fastapi"])
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_gets_its_status_as_json_and_the_next_request_is_answered(served, image, case, router):
+def test_bad_input_gets_its_status_as_json_and_the_next_request_is_answered(served, image, case):
     url, _ = served
-    url += "/fast" if router == "fastapi" else ""
     method, path, kwargs, status = BAD[case]
     kwargs = {k: _fill(v, image) for k, v in kwargs.items()}
     r = requests.request(method, url + path, timeout=TIMEOUT, **kwargs)

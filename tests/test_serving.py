@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import shutil
 import struct
 import zlib
+from urllib.parse import urlencode
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from PIL import Image
 
 from aae_ray import artifacts, http_input, serving
 from aae_ray.data.images import ImageTooLarge, decode_image, to_model_input
+from aae_ray.http_api import http_api
 from aae_ray.http_input import RequestError, decode_request, prepare
 from aae_ray.workspace import Workspace
 
@@ -172,11 +175,28 @@ def test_settings_are_validated_with_the_key_named(tmp_path):
 
 
 def call(svc: serving.ScoringService, method: str, path: str, body: bytes = b"", headers=None, query=None):
-    async def stream():
-        yield body
-
+    """One request through the real routes (aae_ray.http_api on FastAPI), as an ASGI server would make it: no
+    network, no Ray. Returns the status, the JSON body and the headers."""
+    api = http_api(lambda: (svc, svc.score_unbatched))
     hdrs = {"content-length": str(len(body)), **(headers or {})}
-    return asyncio.run(svc.handle(method, path, hdrs, query or {}, stream(), svc.score_unbatched))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": urlencode(query or {}).encode(),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in hdrs.items()], "server": ("test", 80),
+             "client": ("test", 1)}
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    with contextlib.suppress(Exception):  # Starlette re-raises a route's bug after it has sent the 500
+        asyncio.run(api(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return serving.Reply(start["status"], json.loads(payload),
+                         {k.decode(): v.decode() for k, v in start["headers"]})
 
 
 @pytest.fixture

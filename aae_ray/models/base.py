@@ -10,7 +10,7 @@
 `score` is the family's native anomaly score (B,), higher = more abnormal, or None where the family scores by
 T2 of its codes (the AAE). `local` is a feature map (B, d, h, w) whose per-position T2 is the local score, or
 None where the family has none. `forward(x)` returns (codes, x_hat) and is what precise BatchNorm runs
-(train.py). A family with `trainable = False` (patch) is fitted by `fit_normals` instead of the training loop.
+(training_loop.py). A family with `trainable = False` (patch) is fitted by `fit_normals` instead of the training loop.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Inference(NamedTuple):
 
 class FamilyModel(nn.Module):
     trainable = True  # False: no training loop; `fit_normals` fits the model's buffers (patch)
-    precise_bn = True  # recompute BatchNorm statistics on the training normals after training (train.py)
+    precise_bn = True  # recompute BatchNorm statistics on the training normals after training (training_loop.py)
     native_score = True  # False: `inference` gives no score; the Detector scores by T2 of the codes (AAE)
     adversarial = False
     pushes_defects = False  # the loss honours `defect_loss: push`: confirmed defects' codes pushed out of the prior

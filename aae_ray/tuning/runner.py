@@ -38,12 +38,13 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from aae_ray import artifacts  # noqa: E402
 from aae_ray.cluster import connect  # noqa: E402
+from aae_ray.formatting import metric  # noqa: E402
+from aae_ray.train import evaluate, fingerprint_ids, threshold_metrics  # noqa: E402
 from aae_ray.tuning.atomic_fs import atomic_local_filesystem  # noqa: E402
 from aae_ray.tuning.round_report import write_report  # noqa: E402
 from aae_ray.tuning.spec import TuneSpec, parse_spec  # noqa: E402
 from aae_ray.tuning.trainable import train_trial  # noqa: E402
 from aae_ray.tuning.trial_data import TrialData, build_trial_data  # noqa: E402
-from aae_ray.workflow import evaluate, fingerprint_ids, threshold_metrics  # noqa: E402
 from aae_ray.workspace import Workspace, write_text  # noqa: E402
 
 Echo = Callable[[str], None]
@@ -213,7 +214,7 @@ class ProgressLines(tune.Callback):
             self.best = value
         running = sum(t.status == "RUNNING" for t in trials)
         self.echo(f"  {trial.trial_id:>14}  epoch {result.get('epoch', '?')}/{trial.config.get('epochs', '?')}  "
-                  f"{self.spec.metric} {_fmt(value)}  best {_fmt(self.best)}  "
+                  f"{self.spec.metric} {metric(value, 4)}  best {metric(self.best, 4)}  "
                   f"[{self.done}/{self.spec.num_samples} done, {running} running]  {_short(trial.config, self.spec)}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -344,12 +345,8 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def _fmt(x: Any) -> str:
-    return f"{x:.4f}" if _finite(x) else "n/a"
-
-
 def _short(config: dict[str, Any], spec: TuneSpec) -> str:
-    return " ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in config.items() if k in spec.space)
+    return " ".join(f"{k}={metric(v, 4) if isinstance(v, float) else v}" for k, v in config.items() if k in spec.space)
 
 
 def _error_text(error: BaseException | None) -> str | None:

@@ -22,9 +22,9 @@ from ray import tune
 from aae_ray import artifacts, scoring
 from aae_ray.config import validate
 from aae_ray.detector import Detector
-from aae_ray.train import EpochLog, TrainingDiverged, limit_threads
+from aae_ray.train import trained_ids
+from aae_ray.training_loop import EpochLog, TrainingDiverged, limit_threads
 from aae_ray.tuning.trial_data import TrialData
-from aae_ray.workflow import trained_ids
 
 QUICK_FIT_IMAGES = 2000
 QUICK_NATIVE_IMAGES = 200
