@@ -491,6 +491,19 @@ class PairedComparison:
                 f"{self.confidence:.0%} interval [{self.low:+.4f}, {self.high:+.4f}]")
 
 
+def _paired_auroc_diff(y: np.ndarray, a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUROC(a) - AUROC(b) for every resample (row) at once, as Mann-Whitney rank sums (ties count half, as in
+    sklearn's roc_auc_score). By hand because sklearn scores one resample a call: 2,000 calls took 8 s for 400
+    images, where this takes a fraction of a second. A resample without one class counts as no difference."""
+    y = np.moveaxis(y, axis, -1).astype(bool)
+    n_pos = y.sum(axis=-1)
+    n_neg = y.shape[-1] - n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        aucs = [((stats.rankdata(np.moveaxis(s, axis, -1), axis=-1) * y).sum(axis=-1) - n_pos * (n_pos + 1) / 2)
+                / (n_pos * n_neg) for s in (a, b)]
+    return np.where((n_pos > 0) & (n_neg > 0), aucs[0] - aucs[1], 0.0)
+
+
 def compare_paired(y: np.ndarray, new: np.ndarray, old: np.ndarray, *, confidence: float = 0.95,
                    n_resamples: int = 2000, seed: int = 0) -> PairedComparison:
     """AUROC(new) - AUROC(old) on the same images with a paired bootstrap interval (scipy.stats.bootstrap:
@@ -500,13 +513,9 @@ def compare_paired(y: np.ndarray, new: np.ndarray, old: np.ndarray, *, confidenc
     if y.min() == y.max():
         raise ValueError("a paired AUROC comparison needs both defects and normals")
 
-    def diff(yy: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
-        if yy.min() == yy.max():  # a resample without one class has no AUROC; it counts as no difference
-            return 0.0
-        return auroc(yy, a) - auroc(yy, b)
-
-    res = stats.bootstrap((y, new, old), diff, paired=True, vectorized=False, n_resamples=n_resamples,
-                          confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    res = stats.bootstrap((y, new, old), _paired_auroc_diff, paired=True, vectorized=True, batch=250,
+                          n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                          rng=np.random.default_rng(seed))
     new_auc, old_auc = auroc(y, new), auroc(y, old)
     return PairedComparison(new_auc, old_auc, new_auc - old_auc, float(res.confidence_interval.low),
                             float(res.confidence_interval.high), confidence)

@@ -172,3 +172,11 @@ def label_server(ws: Path, log_path: Path, stop: bool = True) -> Iterator:
             os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
         log.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that starts Ray (through `ray_local`, or a fixture built on it such as test_serve's `served`) is
+    slow by definition; `make test-fast` leaves it out."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

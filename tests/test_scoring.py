@@ -425,3 +425,20 @@ def test_summary_collects_the_metrics():
 def test_metrics_reject_bad_labels(y, score):
     with pytest.raises(ValueError, match="0/1"):
         auroc(y, score)
+
+
+def test_the_bootstrap_auroc_difference_equals_sklearns_on_every_resample():
+    from sklearn.metrics import roc_auc_score
+
+    from aae_ray.scoring import _paired_auroc_diff
+
+    rng = np.random.default_rng(4)
+    y = (rng.random((30, 40)) < 0.25).astype(int)
+    y[0] = 0  # a resample without defects counts as no difference
+    a = np.round(rng.normal(size=(30, 40)) + y, 1)  # rounded: ties, which count half
+    b = rng.normal(size=(30, 40)) + 0.5 * y
+    got = _paired_auroc_diff(y, a, b)
+    want = [roc_auc_score(yy, aa) - roc_auc_score(yy, bb) if 0 < yy.sum() < len(yy) else 0.0
+            for yy, aa, bb in zip(y, a, b, strict=True)]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert got[0] == 0.0

@@ -364,6 +364,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # starts Ray and Serve in a subprocess
 def test_aae_ray_serve_answers_until_sigint_then_stops_cleanly(scored_ws, image, tmp_path):
     """The real command in its own process: its own local Ray, the token, a promotion reported, Ctrl-C."""
     ws = Workspace.open(shutil.copytree(scored_ws, tmp_path / "ws"))
