@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from aae_ray import __version__
@@ -44,6 +45,18 @@ def _import_command(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--unlabeled", type=Path, help="folder: images nobody has judged yet")
     init.add_argument("--mask", type=Path, help="folder: ground-truth masks of the --defect images, for evaluation "
                       "(same relative paths, or MVTec's <name>_mask.png; nonzero = defect)")
+    ingest = sub.add_parser("ingest", help="the line's logged images (WS/predictions/) into the pool")
+    ingest.add_argument("workspace", type=Path)
+    ingest.add_argument("--since", type=_utc_time, help="only images served at or after this time (ISO 8601; "
+                        "UTC unless it names its zone)")
+    which = ingest.add_mutually_exclusive_group()
+    which.add_argument("--flagged", dest="which", action="store_const", const="flagged",
+                       help="the images the model flagged (the default)")
+    which.add_argument("--all", dest="which", action="store_const", const="all",
+                       help="every logged image whose bytes were kept (serve --log-images/--log-sample)")
+    which.add_argument("--sample", type=float, metavar="F", help="a seeded share F of every kept image")
+    ingest.add_argument("--seed", type=int, default=0, help="the --sample draw")
+    ingest.set_defaults(which="flagged")
 
 
 def _model_commands(sub: argparse._SubParsersAction) -> None:
@@ -91,6 +104,11 @@ def _people_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--address", help="deploy on this Ray cluster (default: RAY_ADDRESS, else start Ray here)")
     srv.add_argument("--ingress", choices=["haproxy", "python"], default="haproxy",
                      help="Serve's HTTP front end for a Ray started here: haproxy (fast) or Ray's Python proxy")
+    srv.add_argument("--log-images", choices=["flagged", "all", "none"], default="flagged",
+                     help="whose image bytes WS/predictions/ keeps beside every answer (default: the flagged)")
+    srv.add_argument("--log-sample", type=float, default=0.0, metavar="F",
+                     help="also keep the bytes of this share of the other images (default 0)")
+    srv.add_argument("--no-log", action="store_true", help="log nothing to WS/predictions/")
 
 
 def _round_commands(sub: argparse._SubParsersAction) -> None:
@@ -132,6 +150,14 @@ def _replicas(value: str) -> int | str:
     if value == "auto" or (value.isdigit() and int(value) >= 1):
         return value if value == "auto" else int(value)
     raise argparse.ArgumentTypeError(f"expected a number of replicas >= 1 or auto, got {value!r}")
+
+
+def _utc_time(value: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r} (e.g. 2026-12-02T14:00)") from None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
 
 
 def _policy_argument(p: argparse.ArgumentParser) -> None:

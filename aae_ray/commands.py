@@ -41,6 +41,17 @@ def init(args: argparse.Namespace) -> int:
     return 0
 
 
+def ingest(args: argparse.Namespace) -> int:
+    """The line's logged images into the pool: the next `aae-ray score` queues them."""
+    start = time.perf_counter()
+    which = "all" if args.sample is not None else args.which
+    out = importing.line(args.workspace, since=args.since, which=which, sample=args.sample, seed=args.seed)
+    _print_import(out, time.perf_counter() - start)
+    if out.n_added:
+        print(f"next: aae-ray score {out.ws.root} (or aae-ray round) queues them for labeling")
+    return 0
+
+
 def _print_import(out: importing.Imported, seconds: float) -> None:
     print(f"{out.ws.root}: {out.n_read} images read, {out.n_added} new, {len(out.skipped)} skipped; "
           + ", ".join(f"{k} {v}" for k, v in sorted(out.splits.items())) + f" ({seconds:.1f} s)")
@@ -199,7 +210,8 @@ def serve(args: argparse.Namespace) -> int:
     ws = Workspace.open(args.workspace)
     model = serving.load_current(ws)  # a missing or broken model fails here, in one line, before Ray starts
     cfg = serving.settings(workspace=ws.root, token=args.token, max_batch_size=args.max_batch,
-                           replicas=args.replicas)
+                           replicas=args.replicas, log=not args.no_log, log_images=args.log_images,
+                           log_sample=args.log_sample)
     serving.check_port(args.host, args.port)
     print(f"starting Ray Serve for round {model.round} ({model.path}, input {model.size}x{model.size}) ...",
           flush=True)

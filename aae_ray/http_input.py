@@ -171,6 +171,18 @@ def prepare(uploads: list[Upload], size: int, max_pixels: int) -> np.ndarray:
     return np.concatenate(out)
 
 
+STATION = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
+
+
+def parse_station(value: str | None) -> str | None:
+    """`?station=` or `X-Station`: which camera or line sent the image, logged with its answer (None: unnamed)."""
+    if value is None or value == "":
+        return None
+    if not STATION.fullmatch(value):
+        raise RequestError(400, f"station must be 1-64 letters, digits or ._:/-, got {value[:80]!r}")
+    return value
+
+
 def parse_flag(value: str | None, name: str) -> bool:
     if value is None:
         return False

@@ -1,16 +1,21 @@
 """Import: images from a source into a workspace's `data/images.parquet` (DESIGN.md "Import").
 
-One function a source: procedural solder joints (synthetic), Fashion-MNIST by the Deep SAD protocol, or the
-user's own folders. Each renders or reads its records, writes them with `Workspace.import_records` (idempotent:
-ids already there are kept) and returns what happened; `aae-ray init` prints it, `aae-ray demo` calls the same.
+One function a source: procedural solder joints (synthetic), Fashion-MNIST by the Deep SAD protocol, the
+user's own folders, or the images the line sent to `aae-ray serve` (its prediction log). Each renders or reads
+its records, writes them with `Workspace.import_records` (idempotent: ids already there are kept) and returns
+what happened; `aae-ray init` and `aae-ray ingest` print it, `aae-ray demo` calls the same.
 """
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+
+import pyarrow as pa
 
 from aae_ray.workspace import Workspace
 
@@ -75,3 +80,42 @@ def _resolved(path: Path | None) -> str | None:
 def _write(root: Path, records: list, source: dict, skipped: list[dict]) -> Imported:
     ws, added = Workspace.import_records(root, records, source, skipped)
     return Imported(ws, len(records), added, dict(Counter(r.split for r in records)), skipped)
+
+
+def line(root: Path, *, since: datetime | None = None, which: str = "flagged", sample: float | None = None,
+         seed: int = 0, echo: Echo = print) -> Imported:
+    """The line's logged images (WS/predictions/, aae_ray.prediction_log) into the pool, so the next `aae-ray
+    score` and round queue them. `which`: "flagged" (the anomalies) or "all" (every row that kept its bytes);
+    `sample`: a seeded share of those instead. Idempotent: the ids are content ids, so an image is added once."""
+    import pyarrow.compute as pc
+
+    from aae_ray.data.images import ImageRecord, decode_image
+    from aae_ray.prediction_log import read_predictions
+
+    if which not in ("flagged", "all"):
+        raise ValueError(f"which must be flagged or all, got {which!r}")
+    if sample is not None and not 0.0 < sample <= 1.0:
+        raise ValueError(f"--sample must be in (0, 1], got {sample}")
+    ws = Workspace.open(root)
+    table = read_predictions(ws.predictions_dir, columns=["ts", "id", "station", "anomaly", "image"])
+    keep = pc.is_valid(table.column("image"))
+    if which == "flagged":
+        keep = pc.and_(keep, table.column("anomaly"))
+    if since is not None:
+        keep = pc.and_(keep, pc.greater_equal(table.column("ts"), pa.scalar(since, pa.timestamp("us", tz="UTC"))))
+    rows = table.filter(keep).to_pylist()
+    rows = list({r["id"]: r for r in rows}.values())  # one a content id: the line sends a part more than once
+    if sample is not None:
+        rows = random.Random(seed).sample(rows, round(sample * len(rows)))
+    records, skipped = [], []
+    for r in rows:
+        try:
+            records.append(ImageRecord(id=r["id"], pixels=decode_image(r["image"]), split="pool", truth=None,
+                                       source=f"line:{r['station'] or 'unnamed'}"))
+        except ValueError as exc:  # the server decoded it once; a damaged log row is skipped, not fatal
+            skipped.append({"path": f"predictions/{r['id']}", "reason": str(exc)})
+    echo(f"{len(records)} line image(s) from {ws.predictions_dir} ({which}"
+         + (f", a sample of {sample:.0%}" if sample is not None else "")
+         + (f", since {since.isoformat()}" if since else "") + ")")
+    source = {"source": "line", "which": which, "sample": sample, "since": since.isoformat() if since else None}
+    return _write(root, records, source, skipped)

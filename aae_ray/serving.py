@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from aae_ray import artifacts
 from aae_ray.detector import Detector
-from aae_ray.http_input import check_token, decode_request, parse_flag, prepare, read_body
+from aae_ray.http_input import check_token, decode_request, parse_flag, parse_station, prepare, read_body
+from aae_ray.prediction_log import LogSettings, PredictionLog
 from aae_ray.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,12 @@ class ServeSettings(BaseModel):
     replicas: int | Literal["auto"] = 1  # "auto": Serve autoscaling (serve/app.py says the targets)
     num_cpus: float = Field(1.0, ge=0, le=256)  # Ray CPUs a replica reserves; torch gets that many threads
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU a replica when the cluster has GPUs
+    # The prediction log (aae_ray.prediction_log, WS/predictions/): every answered image, its bytes for the
+    # flagged ones and a sample of the others; written off the request path every log_flush_interval_s.
+    log: bool = True
+    log_images: Literal["flagged", "all", "none"] = "flagged"
+    log_sample: float = Field(0.0, ge=0, le=1)
+    log_flush_interval_s: float = Field(1.0, gt=0, le=3600)
 
     @field_validator("workspace")
     @classmethod
@@ -149,6 +156,9 @@ class ScoringService:
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
         self.stats = {"images": 0, "batches": 0, "largest_batch": 0}  # this replica's, since it started
+        self.log = PredictionLog(self.ws.predictions_dir, LogSettings(
+            images=cfg.log_images, sample=cfg.log_sample, flush_interval_s=cfg.log_flush_interval_s)
+        ) if cfg.log else None
 
     # --- hot reload ---------------------------------------------------------------------------------------
     def reload_if_changed(self) -> bool:
@@ -179,8 +189,15 @@ class ScoringService:
         self._watcher = threading.Thread(target=loop, name="aae-ray-model-watcher", daemon=True)
         self._watcher.start()
 
+    def start_logging(self) -> None:
+        if self.log is not None:
+            self.log.start()
+
     def stop(self) -> None:
+        """Stop watching for promotions and write the prediction log's last rows."""
         self._stop.set()
+        if self.log is not None:
+            self.log.close()
 
     # --- requests ------------------------------------------------------------------------------------------
     # The three routes' work (aae_ray.http_api routes to them; a refusal is a RequestError).
@@ -196,11 +213,15 @@ class ScoringService:
                             score: ScoreFn) -> Reply:
         check_token(headers.get("authorization"), self.cfg.token)
         explain = parse_flag(query.get("explain"), "explain")
+        station = parse_station(query.get("station") or headers.get("x-station"))
         raw = await read_body(body, headers.get("content-length"), self.cfg.max_body_bytes)
         uploads = decode_request(headers.get("content-type"), raw, max_images=self.cfg.max_images)
         model = self.model  # this request is scored by the model current now, even if a reload lands meanwhile
         X = await asyncio.to_thread(prepare, uploads, model.size, self.cfg.max_pixels)
         results = await asyncio.gather(*(score(Item(model, X[i], explain, up.name)) for i, up in enumerate(uploads)))
+        if self.log is not None:
+            self.log.record(results, [up.data for up in uploads], round_no=model.round, model=model.path,
+                            station=station)
         return Reply(200, {"model": model.summary(), "results": list(results)})
 
     # --- scoring -------------------------------------------------------------------------------------------

@@ -44,6 +44,10 @@ class Workspace:
         return self.root / "labels"
 
     @property
+    def predictions_dir(self) -> Path:
+        return self.root / "predictions"
+
+    @property
     def current_path(self) -> Path:
         return self.root / "current.json"
 

@@ -50,6 +50,7 @@ def bare_server(workspace: str, port: int) -> None:
 
     torch.set_num_threads(THREADS)
     service = ScoringService(settings(workspace=workspace, num_cpus=THREADS))
+    service.start_logging()  # what a Serve replica does: the same work a request
     api = http_api(lambda: (service, service.score_unbatched))  # Serve's routes, one image a forward pass
     uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning")
 

@@ -70,6 +70,7 @@ class Scorer:
     def __init__(self, cfg: ServeSettings):
         self.service = ScoringService(cfg, worker_device())
         self.service.start_watching()
+        self.service.start_logging()
         self.score_one.set_max_batch_size(cfg.max_batch_size)
         self.score_one.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 

@@ -25,6 +25,7 @@ from test_serving import multipart, png_bomb
 from aae_ray import artifacts, serving
 from aae_ray.client import Client, ServeError
 from aae_ray.data.images import to_model_input
+from aae_ray.prediction_log import content_id, read_predictions
 from aae_ray.train import train_round
 from aae_ray.workspace import Workspace
 
@@ -262,7 +263,7 @@ def test_the_token_guards_score_and_model_but_not_health(served, image):
 # --- load and hot reload (last: it promotes round 1) ----------------------------------------------------------
 
 
-def test_16_clients_x_50_requests_while_a_model_is_promoted_never_fail(served):
+def test_16_clients_x_50_requests_while_a_model_is_promoted_never_fail_and_are_all_logged(served):
     url, ws_dir = served
     ws = Workspace.open(ws_dir)
     images = list(pool(ws_dir).values())[:4]
@@ -278,7 +279,8 @@ def test_16_clients_x_50_requests_while_a_model_is_promoted_never_fail(served):
                 j = (k + i) % len(images)
                 start = time.monotonic()
                 try:
-                    r = s.post(f"{url}/score", data=images[j], headers={"Content-Type": "image/png"}, timeout=TIMEOUT)
+                    r = s.post(f"{url}/score?station=load", data=images[j], headers={"Content-Type": "image/png"},
+                               timeout=TIMEOUT)
                     body = r.json()
                     ok = r.status_code == 200
                 except Exception as exc:  # any failure counts
@@ -309,6 +311,16 @@ def test_16_clients_x_50_requests_while_a_model_is_promoted_never_fail(served):
     batching = requests.get(f"{url}/health", timeout=TIMEOUT).json()["batching"]
     assert 2 <= batching["largest_batch"] <= 16  # concurrent requests shared forward passes, up to max_batch_size
     assert batching["batches"] < batching["images"]
+    # The prediction log holds exactly the 800 answers, each with the round and score it was answered with.
+    answered = sorted((round_no, content_id(images[j]), t2) for _, _, round_no, j, t2 in done)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # written off the request path, once a flush interval
+        table = read_predictions(ws.predictions_dir)
+        logged = [r for r in table.select(["round", "id", "t2", "station"]).to_pylist() if r["station"] == "load"]
+        if len(logged) >= len(answered):
+            break
+        time.sleep(0.5)
+    assert sorted((r["round"], r["id"], r["t2"]) for r in logged) == answered
 
 
 # --- the command -----------------------------------------------------------------------------------------------

@@ -286,3 +286,35 @@ def test_the_port_check_names_the_problem():
             serving.check_port("127.0.0.1", port)
     with pytest.raises(ValueError, match="1..65535"):
         serving.check_port("127.0.0.1", 70000)
+
+
+def test_every_answer_is_logged_with_its_station_and_the_flagged_images_bytes(ws_served):
+    from aae_ray.prediction_log import content_id, read_predictions
+
+    svc = serving.ScoringService(serving.settings(workspace=ws_served, log_flush_interval_s=0.05))
+    svc.start_logging()
+    images = pool_images(ws_served, 6)
+    ct, body = multipart([("file", f"{i}.png", img) for i, img in enumerate(images)])
+    first = call(svc, "POST", "/score", body, {"content-type": ct}, {"station": "cam-2"})
+    second = call(svc, "POST", "/score", images[0], {"content-type": "image/png", "x-station": "cam-3"})
+    assert call(svc, "POST", "/score", images[0], {"content-type": "image/png"}, {"station": "no spaces"}).status == 400
+    svc.stop()  # the last rows are written on the way out
+    rows = read_predictions(Workspace.open(ws_served).predictions_dir).to_pylist()
+    answers = [(r, img, "cam-2") for r, img in zip(first.body["results"], images, strict=True)]
+    answers += [(second.body["results"][0], images[0], "cam-3")]
+    assert len(rows) == len(answers) == 7
+    by_key = {(r["name"], r["station"]): r for r in rows}
+    for res, img, station in answers:
+        row = by_key[(res["name"], station)]
+        assert row["id"] == content_id(img) and row["score"] == res["score"] and row["t2"] == res["t2"]
+        assert row["anomaly"] == res["anomaly"] and row["threshold"] == res["threshold"]
+        assert row["round"] == 0 and row["model"] == "rounds/r000/model"
+        assert row["image"] == (img if res["anomaly"] else None)
+
+
+def test_logging_can_be_turned_off(ws_served):
+    svc = serving.ScoringService(serving.settings(workspace=ws_served, log=False))
+    svc.start_logging()
+    assert call(svc, "POST", "/score", pool_images(ws_served, 1)[0], {"content-type": "image/png"}).status == 200
+    svc.stop()
+    assert not Workspace.open(ws_served).predictions_dir.exists()
