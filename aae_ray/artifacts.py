@@ -166,6 +166,17 @@ def read_trained_on(folder: Path) -> set[str] | None:
         raise ArtifactError(f"{path}: not a list of training ids ({exc})") from None
 
 
+def read_limit(folder: Path) -> ScoreLimit:
+    """The primary score's limit alone (score.json), without loading the weights: what the monitor needs."""
+    path = Path(folder) / "score.json"
+    try:
+        return ScoreLimit.from_dict(_read_json(path))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: not a score limit ({type(exc).__name__}: {exc})") from None
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing") from None
+
+
 def read_metrics(folder: Path) -> dict[str, Any]:
     return _read_json(Path(folder) / "metrics.json")
 

@@ -93,6 +93,19 @@ def _people_commands(sub: argparse._SubParsersAction) -> None:
     label.add_argument("--port", type=int, default=8501)
     label.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
 
+    mon = sub.add_parser("monitor", help="the line's control charts and drift alarms (a page on 127.0.0.1)")
+    mon.add_argument("workspace", type=Path)
+    mon.add_argument("--port", type=int, default=8502)
+    mon.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    mon.add_argument("--report", type=Path, metavar="DIR", help="write the charts (PNG) and numbers (JSON) here "
+                                                                 "instead of opening the page")
+    mon.add_argument("--station", action="append", help="--report: only this station (repeatable)")
+    mon.add_argument("--since", type=_utc_time, help="--report: from this time (ISO 8601, UTC if no zone)")
+    mon.add_argument("--until", type=_utc_time, help="--report: up to this time")
+    mon.add_argument("--lam", type=float, default=0.1, help="EWMA weight of the newest image (default 0.1)")
+    mon.add_argument("--arl0", type=float, default=500.0,
+                     help="images between false drift alarms the limits are designed for (default 500)")
+
     srv = sub.add_parser("serve", help="the promoted model behind an HTTP endpoint (Ray Serve) until Ctrl-C")
     srv.add_argument("workspace", type=Path)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -117,6 +130,9 @@ def _round_commands(sub: argparse._SubParsersAction) -> None:
     rnd.add_argument("workspace", type=Path)
     _search_arguments(rnd)
     _policy_argument(rnd)
+    rnd.add_argument("--ingest", nargs="?", const="flagged", choices=["flagged", "all"], metavar="flagged|all",
+                     help="first bring the line's logged images (WS/predictions/) into the pool, as `aae-ray "
+                          "ingest` does: the flagged ones (bare --ingest) or all whose bytes were kept")
 
     sim = sub.add_parser("simulate", help="answer the queue from the import's truth and run rounds, to measure")
     sim.add_argument("workspace", type=Path)

@@ -165,12 +165,35 @@ def score(args: argparse.Namespace) -> int:
 def label(args: argparse.Namespace) -> int:
     """Run labeling_ui/app.py with `streamlit run` until Ctrl-C; the page reads and writes the workspace."""
     ws = Workspace.open(args.workspace)
-    app = importlib.resources.files("labeling_ui") / "app.py"  # a script for `streamlit run`, not a module to import
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
-           "--server.address", args.host, "--server.port", str(args.port), "--browser.gatherUsageStats", "false",
-           "--client.toolbarMode", "minimal",  # a labeler has no use for Deploy, Rerun or Clear cache
-           "--server.fileWatcherType", "none", "--", "--workspace", str(ws.root.resolve())]
     print(f"labeling page for {ws.root}: http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    return _streamlit("app.py", ws, args.host, args.port)
+
+
+def monitor(args: argparse.Namespace) -> int:
+    """The line monitor: its Streamlit page until Ctrl-C, or with --report its charts as PNG and JSON."""
+    from aae_ray.monitor import MonitorSettings
+
+    ws = Workspace.open(args.workspace)
+    settings = MonitorSettings(lam=args.lam, arl0=args.arl0)
+    if args.report:
+        from aae_ray.monitor_report import write_report
+
+        data = write_report(ws, args.report, settings, stations=args.station, since=args.since, until=args.until)
+        print(f"{data['images']} served images, {len(data['alarms'])} alarm(s) in the window "
+              f"({data['new_alarms']} new); charts and numbers in {args.report}")
+        for a in data["alarms"][:5]:
+            print(f"  {a['text']}")
+        return 0
+    print(f"line monitor for {ws.root}: http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    return _streamlit("monitor.py", ws, args.host, args.port, "--lam", str(args.lam), "--arl0", str(args.arl0))
+
+
+def _streamlit(script: str, ws: Workspace, host: str, port: int, *extra: str) -> int:
+    app = importlib.resources.files("labeling_ui") / script  # a script for `streamlit run`, not a module to import
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
+           "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
+           "--client.toolbarMode", "minimal",  # a labeler has no use for Deploy, Rerun or Clear cache
+           "--server.fileWatcherType", "none", "--", "--workspace", str(ws.root.resolve()), *extra]
     return _run_until_stopped(subprocess.Popen(cmd))
 
 
@@ -228,12 +251,25 @@ def round_(args: argparse.Namespace) -> int:  # `round` would shadow the builtin
     ws = Workspace.open(args.workspace)
     spec = _load_spec(args)
     start = time.perf_counter()
+    if getattr(args, "ingest", None):
+        _ingest_before_round(ws, args.ingest)
     out = run_round(ws, spec, address=args.address, policy=args.policy)
     labels = Counter(current_labels(ws.labels_dir).values())
     print(f"round {out.round_no} in {time.perf_counter() - start:.0f} s: "
           f"{'promoted' if out.promoted else 'kept the current model'} ({out.reason}); test AUROC "
           f"{metric(out.metrics.get('test_auroc'))}; labels so far {dict(labels) or 'none'}; queue in {out.queue}")
     return 0
+
+
+def _ingest_before_round(ws: Workspace, which: str) -> None:
+    """`aae-ray round --ingest`: the line's logged images join the pool before the round trains and queues."""
+    from aae_ray.prediction_log import read_predictions
+
+    if not ws.predictions_dir.is_dir() or read_predictions(ws.predictions_dir, columns=["id"]).num_rows == 0:
+        print(f"--ingest: nothing logged in {ws.predictions_dir} yet (aae-ray serve logs there); the round goes on")
+        return
+    start = time.perf_counter()
+    _print_import(importing.line(ws.root, which=which), time.perf_counter() - start)
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -280,6 +316,14 @@ def status(args: argparse.Namespace) -> int:
         print(f"threshold: {metric(st.threshold)}; {st.threshold_note}")
         if st.hidden_defects:
             print(f"hidden defects: {st.hidden_defects}; t2_trim {st.t2_trim:.1%}")
+    if st.line:
+        ln = st.line
+        print(f"line: {ln['rows']} served images ({ln['flagged']} flagged) from {ln['first']:%Y-%m-%d %H:%M} to "
+              f"{ln['last']:%Y-%m-%d %H:%M} UTC, stations {', '.join(ln['stations'])}")
+    if st.alarms and st.alarms["count"]:
+        print(f"alarms: {st.alarms['count']} (aae-ray monitor {st.root} shows them)")
+        for text in st.alarms["latest"]:
+            print(f"  {text}")
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +20,7 @@ import pyarrow as pa
 from aae_ray.workspace import Workspace
 
 Echo = Callable[[str], None]
+LINE_SOURCE = "line:"  # a line image's `source` is "line:<station>" (`line` below; "unnamed" without a station)
 
 
 @dataclass(frozen=True)
@@ -83,10 +84,12 @@ def _write(root: Path, records: list, source: dict, skipped: list[dict]) -> Impo
 
 
 def line(root: Path, *, since: datetime | None = None, which: str = "flagged", sample: float | None = None,
-         seed: int = 0, echo: Echo = print) -> Imported:
+         seed: int = 0, ids: Collection[str] | None = None, echo: Echo = print) -> Imported:
     """The line's logged images (WS/predictions/, aae_ray.prediction_log) into the pool, so the next `aae-ray
     score` and round queue them. `which`: "flagged" (the anomalies) or "all" (every row that kept its bytes);
-    `sample`: a seeded share of those instead. Idempotent: the ids are content ids, so an image is added once."""
+    `sample`: a seeded share of those instead; `ids`: only these content ids, flagged or not (`which` and
+    `sample` do not apply; an id whose bytes were not logged is named and skipped). Idempotent: the ids are
+    content ids, so an image is added once."""
     import pyarrow.compute as pc
 
     from aae_ray.data.images import ImageRecord, decode_image
@@ -99,7 +102,11 @@ def line(root: Path, *, since: datetime | None = None, which: str = "flagged", s
     ws = Workspace.open(root)
     table = read_predictions(ws.predictions_dir, columns=["ts", "id", "station", "anomaly", "image"])
     keep = pc.is_valid(table.column("image"))
-    if which == "flagged":
+    chosen = None if ids is None else sorted({ids} if isinstance(ids, str) else set(ids))
+    if chosen is not None:
+        which, sample = f"{len(chosen)} chosen id(s)", None
+        keep = pc.and_(keep, pc.is_in(table.column("id"), pa.array(chosen, pa.string())))
+    elif which == "flagged":
         keep = pc.and_(keep, table.column("anomaly"))
     if since is not None:
         keep = pc.and_(keep, pc.greater_equal(table.column("ts"), pa.scalar(since, pa.timestamp("us", tz="UTC"))))
@@ -107,15 +114,18 @@ def line(root: Path, *, since: datetime | None = None, which: str = "flagged", s
     rows = list({r["id"]: r for r in rows}.values())  # one a content id: the line sends a part more than once
     if sample is not None:
         rows = random.Random(seed).sample(rows, round(sample * len(rows)))
-    records, skipped = [], []
+    records, skipped = [], [{"path": f"predictions/{i}", "reason": "no logged image bytes with this id"}
+                            for i in sorted(set(chosen or ()) - {r["id"] for r in rows})]
     for r in rows:
         try:
             records.append(ImageRecord(id=r["id"], pixels=decode_image(r["image"]), split="pool", truth=None,
-                                       source=f"line:{r['station'] or 'unnamed'}"))
+                                       source=f"{LINE_SOURCE}{r['station'] or 'unnamed'}"))
         except ValueError as exc:  # the server decoded it once; a damaged log row is skipped, not fatal
             skipped.append({"path": f"predictions/{r['id']}", "reason": str(exc)})
     echo(f"{len(records)} line image(s) from {ws.predictions_dir} ({which}"
          + (f", a sample of {sample:.0%}" if sample is not None else "")
          + (f", since {since.isoformat()}" if since else "") + ")")
     source = {"source": "line", "which": which, "sample": sample, "since": since.isoformat() if since else None}
+    if chosen is not None:
+        source["which"], source["n_ids"] = "chosen", len(chosen)
     return _write(root, records, source, skipped)

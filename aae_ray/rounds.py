@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from aae_ray import artifacts, scoring
+from aae_ray.importing import LINE_SOURCE
 from aae_ray.pool_scoring import score_pool
 from aae_ray.train import recalibrate, train_round
 from aae_ray.workspace import Workspace, write_text
@@ -211,6 +212,107 @@ def latest_queue(ws: Workspace) -> tuple[int, Path] | None:
         if path.exists():
             return n, path
     return None
+
+
+# --- images from the line in the queue ---------------------------------------------------------------------------
+
+
+def line_station(source: str | None) -> str | None:
+    """The station a line image came from (its source is `line:<station>`, `aae_ray.importing.line`); None for
+    an image imported any other way."""
+    return source[len(LINE_SOURCE):] if source and source.startswith(LINE_SOURCE) else None
+
+
+def line_stations(ws: Workspace) -> dict[str, str]:
+    """{id: station} of the workspace's images that came from the line."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(ws.images_path, columns=["id", "source"])
+    pairs = zip(t.column("id").to_pylist(), t.column("source").to_pylist(), strict=True)
+    return {i: station for i, source in pairs if (station := line_station(source)) is not None}
+
+
+def for_labeling(rows: Sequence[dict], stations: Mapping[str, str], *, line_first: bool = True,
+                 station: str | None = None) -> list[dict]:
+    """A queue's to-do rows (in rank order) as the labeling page lists them. `stations`: {id: station} of the
+    line images (`line_stations`); `station`: only that station's line images; `line_first`: the line images
+    before the others, a stable sort, so each group keeps its rank order."""
+    picked = [r for r in rows if station is None or stations.get(r["id"]) == station]
+    return sorted(picked, key=lambda r: r["id"] not in stations) if line_first else picked
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    round_no: int  # the queue's round
+    path: Path
+    added: list[str]  # ids the queue did not hold: queued with the prediction log's scores
+    moved: list[str]  # ids it held, moved to the top
+    rewritten: bool  # False when they were at the top already (nothing written)
+
+
+QUEUE_SCORES = ("score", "t2", "t2_local", "p_value", "anomaly")  # what the prediction log gives a new queue row
+
+
+def enqueue(ws: Workspace, ids: Sequence[str]) -> Enqueued:
+    """Put these pool images at the top of the latest queue now: ranks 1..k in the order given, the others
+    shifted down in their order, the file rewritten atomically. What a "send to labeling" button does after
+    `aae_ray.importing.line(ws.root, ids=...)`. An id the queue holds moves up with its scores; one it does not
+    hold is queued with the scores of its latest answer in the prediction log. Idempotent: the same ids again
+    leave the queue as it is. ValueError: no queue yet, an id not in the pool, or a new id the log lacks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from aae_ray.data.images import write_table_with
+    from aae_ray.pool_scoring import SCORES_SCHEMA
+
+    found = latest_queue(ws)
+    if found is None:
+        raise ValueError(f"no labeling queue in {ws.root} yet: run `aae-ray score {ws.root}` first")
+    round_no, path = found
+    ids = list(dict.fromkeys([ids] if isinstance(ids, str) else ids))
+    _check_pool(ws, ids)
+    rows = sorted(pq.read_table(path).to_pylist(), key=lambda r: r["rank"])
+    held = {r["id"]: r for r in rows}
+    added = [i for i in ids if i not in held]
+    held.update(_logged_scores(ws, added))
+    first = set(ids)
+    order = [held[i] for i in ids] + [r for r in rows if r["id"] not in first]
+    new = [{**r, "rank": k} for k, r in enumerate(order, start=1)]
+    rewritten = [(r["id"], r["rank"]) for r in new] != [(r["id"], r["rank"]) for r in rows]
+    if rewritten:
+        write_table_with(pa.Table.from_pylist(new, schema=SCORES_SCHEMA), path, SCORES_SCHEMA)
+    return Enqueued(round_no, path, added, [i for i in ids if i not in added], rewritten)
+
+
+def _check_pool(ws: Workspace, ids: list[str]) -> None:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(ws.images_path, columns=["id", "split"])
+    pool = {i for i, s in zip(t.column("id").to_pylist(), t.column("split").to_pylist(), strict=True) if s == "pool"}
+    outside = [i for i in ids if i not in pool]
+    if outside:
+        raise ValueError(f"{len(outside)} of the ids are not pool images of {ws.root} (e.g. {outside[0]}): a line "
+                         f"image joins the pool first, with aae_ray.importing.line(ws.root, ids=[...])")
+
+
+def _logged_scores(ws: Workspace, ids: list[str]) -> dict[str, dict]:
+    """{id: a queue row but its rank} from each id's latest answer in the prediction log."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from aae_ray.prediction_log import read_predictions
+
+    if not ids:
+        return {}
+    t = read_predictions(ws.predictions_dir, columns=["ts", "id", *QUEUE_SCORES])
+    latest = {r["id"]: r for r in t.filter(pc.is_in(t.column("id"), pa.array(ids, pa.string()))).to_pylist()}
+    missing = [i for i in ids if i not in latest]
+    if missing:
+        raise ValueError(f"{len(missing)} of the ids are neither in the queue nor in the prediction log of "
+                         f"{ws.root} (e.g. {missing[0]}): no scores to queue them with")
+    nan = float("nan")  # score_pool's t2_local where a family has no local map
+    return {i: {"id": i, **{k: latest[i][k] for k in QUEUE_SCORES},
+                "t2_local": nan if latest[i]["t2_local"] is None else latest[i]["t2_local"]} for i in ids}
 
 
 def answer_queue(ws: Workspace, k: int, labeler: str = "oracle") -> LabeledBatch:

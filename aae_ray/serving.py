@@ -19,6 +19,7 @@ import logging
 import math
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from aae_ray import artifacts
+from aae_ray import artifacts, monitor
 from aae_ray.detector import Detector
 from aae_ray.http_input import check_token, decode_request, parse_flag, parse_station, prepare, read_body
 from aae_ray.prediction_log import LogSettings, PredictionLog
@@ -61,6 +62,9 @@ class ServeSettings(BaseModel):
     log_images: Literal["flagged", "all", "none"] = "flagged"
     log_sample: float = Field(0.0, ge=0, le=1)
     log_flush_interval_s: float = Field(1.0, gt=0, le=3600)
+    # Drift alarms (aae_ray.monitor): each replica checks the log this often and records new alarms in
+    # WS/alarms/; GET /health shows them. 0: never (the monitor page and `aae-ray monitor --report` still do).
+    alarm_check_s: float = Field(30.0, ge=0, le=86400)
 
     @field_validator("workspace")
     @classmethod
@@ -156,6 +160,7 @@ class ScoringService:
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
         self.stats = {"images": 0, "batches": 0, "largest_batch": 0}  # this replica's, since it started
+        self._alarms: tuple[float, dict[str, Any]] | None = None
         self.log = PredictionLog(self.ws.predictions_dir, LogSettings(
             images=cfg.log_images, sample=cfg.log_sample, flush_interval_s=cfg.log_flush_interval_s)
         ) if cfg.log else None
@@ -183,11 +188,35 @@ class ScoringService:
 
     def start_watching(self) -> None:
         def loop() -> None:
+            last_check = time.monotonic()
             while not self._stop.wait(self.cfg.reload_interval_s):
                 self.reload_if_changed()
+                if self.cfg.alarm_check_s and time.monotonic() - last_check >= self.cfg.alarm_check_s:
+                    last_check = time.monotonic()
+                    self.check_alarms()
 
         self._watcher = threading.Thread(target=loop, name="aae-ray-model-watcher", daemon=True)
         self._watcher.start()
+
+    def check_alarms(self) -> None:
+        """Record the log's new drift alarms (aae_ray.monitor); a failure is logged, never raised."""
+        try:
+            for alarm in monitor.check_alarms(self.ws):
+                log.warning("alarm: %s", monitor.describe_alarm(alarm))
+        except Exception as exc:  # a damaged log must not stop the watcher that reloads promoted models
+            log.error("cannot check the prediction log for alarms: %s: %s", type(exc).__name__, exc)
+        self._alarms = None
+
+    def alarms(self) -> dict[str, Any]:
+        """The alarm summary, read from WS/alarms/ at most every 2 s: /health is polled by load balancers."""
+        cached = self._alarms
+        if cached is None or time.monotonic() - cached[0] > 2.0:
+            try:
+                cached = (time.monotonic(), monitor.alarm_summary(self.ws))
+            except Exception as exc:  # /health answers whatever the alarm files hold
+                cached = (time.monotonic(), {"error": f"{type(exc).__name__}: {exc}"})
+            self._alarms = cached
+        return cached[1]
 
     def start_logging(self) -> None:
         if self.log is not None:
@@ -202,7 +231,7 @@ class ScoringService:
     # --- requests ------------------------------------------------------------------------------------------
     # The three routes' work (aae_ray.http_api routes to them; a refusal is a RequestError).
     def health(self) -> Reply:
-        body = {"status": "ok", "model": self.model.summary(), "batching": dict(self.stats)}
+        body = {"status": "ok", "model": self.model.summary(), "batching": dict(self.stats), "alarms": self.alarms()}
         return Reply(200, body | ({"reload_error": self.reload_error} if self.reload_error else {}))
 
     def model_info(self, authorization: str | None) -> Reply:

@@ -11,6 +11,8 @@ from typing import Any
 
 from aae_ray import artifacts
 from aae_ray.labels import current_labels, read_events
+from aae_ray.monitor import alarm_summary
+from aae_ray.prediction_log import read_predictions
 from aae_ray.scoring import describe_basis
 from aae_ray.workspace import Workspace
 
@@ -38,6 +40,8 @@ class WorkspaceStatus:
     threshold_note: str | None = None  # how the threshold was set, in words
     hidden_defects: str | None = None  # the estimated share of hidden defects (t2_trim: auto), in words
     t2_trim: float | None = None
+    line: dict[str, Any] | None = None  # the prediction log: rows and stations; None: nothing served yet
+    alarms: dict[str, Any] | None = None  # aae_ray.monitor.alarm_summary: how many, the latest in words
 
 
 def workspace_status(ws: Workspace) -> WorkspaceStatus:
@@ -47,7 +51,7 @@ def workspace_status(ws: Workspace) -> WorkspaceStatus:
     out = WorkspaceStatus(root=ws.root, imports=ws.settings()["imports"],
                           splits={k: splits.get(k, 0) for k in SPLITS},
                           labels=dict(sorted(Counter(current_labels(ws.labels_dir).values()).items())),
-                          rounds=rounds, current=ws.current())
+                          rounds=rounds, current=ws.current(), line=_line(ws), alarms=alarm_summary(ws))
     if out.current is None:
         return out
     m = artifacts.read_metrics(ws.current_model_dir())
@@ -68,3 +72,14 @@ def _round_status(ws: Workspace, n: int, events: list[dict[str, Any]]) -> RoundS
         answered=dict(sorted(answered.items())),
         tune=json.loads(tune_path.read_text()) if tune_path.exists() else None,
         report=round_dir / "report" if (round_dir / "report").exists() else None)
+
+
+def _line(ws: Workspace) -> dict[str, Any] | None:
+    if not ws.predictions_dir.is_dir():
+        return None
+    t = read_predictions(ws.predictions_dir, columns=["ts", "station", "anomaly"])
+    if not t.num_rows:
+        return None
+    ts = t.column("ts").to_pylist()
+    return {"rows": t.num_rows, "flagged": sum(t.column("anomaly").to_pylist()), "first": min(ts), "last": max(ts),
+            "stations": sorted({s or "unnamed" for s in t.column("station").to_pylist()})}

@@ -48,6 +48,10 @@ class Workspace:
         return self.root / "predictions"
 
     @property
+    def alarms_dir(self) -> Path:
+        return self.root / "alarms"
+
+    @property
     def current_path(self) -> Path:
         return self.root / "current.json"
 

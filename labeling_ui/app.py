@@ -5,6 +5,8 @@
 Thin by design: the queue comes from `aae_ray.rounds.latest_queue`, the model from `aae_ray.artifacts.load`, and
 every label is read and written through `aae_ray.labels` (append-only events; an undo is a new event). The current
 labels are re-read on every rerun, so an image another labeler answered drops out of this page on its next refresh.
+Images the line sent (`aae-ray ingest`, source `line:<station>`) come first while the queue holds any, and the
+sidebar can keep one station's (`aae_ray.rounds.for_labeling`).
 The workspace comes from `--workspace WS` after `--`, else from the environment variable AAE_RAY_WORKSPACE.
 """
 
@@ -14,15 +16,15 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import streamlit as st
 import streamlit.components.v1 as components
 
 from aae_ray import artifacts, labels
 from aae_ray.data.images import decode_image, to_model_input
-from aae_ray.rounds import latest_queue
+from aae_ray.rounds import for_labeling, latest_queue, line_stations
 from aae_ray.workspace import Workspace, WorkspaceError
+from labeling_ui.views import heat_overlay, script_arg, to_uint8, upscale
 
 ENV_VAR = "AAE_RAY_WORKSPACE"
 GRID_SIZE = 12
@@ -30,6 +32,7 @@ CARD_PX = 224  # card images are upscaled (nearest neighbour) to at least this m
 THUMB_PX = 96
 MODEL_VIEW_PX = 128  # the model's input, its reconstruction and the heat map beside the full image
 HISTORY_ROWS = 50
+ALL_STATIONS = "all stations"
 
 
 # --- pure helpers (no Streamlit) --------------------------------------------------------------------------------
@@ -37,28 +40,7 @@ HISTORY_ROWS = 50
 
 def workspace_arg(argv: list[str], environ: dict[str, str]) -> str | None:
     """`--workspace WS` or `--workspace=WS` from the script's arguments, else the environment variable."""
-    for i, arg in enumerate(argv):
-        if arg == "--workspace" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--workspace="):
-            return arg.split("=", 1)[1]
-    return environ.get(ENV_VAR) or None
-
-
-def upscale(img: np.ndarray, min_px: int) -> np.ndarray:
-    """Nearest-neighbour upscale by an integer factor so small images (32x32) stay crisp in the browser."""
-    factor = max(1, -(-min_px // max(img.shape[0], img.shape[1])))
-    return np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
-
-
-def heat_overlay(gray: np.ndarray, amap: np.ndarray, alpha: float = 0.8) -> np.ndarray:
-    """Gray image in [0, 1] and a per-pixel error map -> uint8 RGB, the normalised error blended in as red."""
-    a = np.asarray(amap, dtype=np.float64)
-    a = a - a.min()
-    a = alpha * (a / a.max() if a.max() > 0 else a)
-    g = np.clip(np.asarray(gray, dtype=np.float64), 0.0, 1.0)
-    rgb = np.stack([g * (1 - a) + a, g * (1 - a), g * (1 - a)], axis=-1)
-    return (np.clip(rgb, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return script_arg(argv, "workspace") or environ.get(ENV_VAR) or None
 
 
 def score_metric(label: str, item: dict) -> tuple[str, str]:
@@ -80,8 +62,9 @@ def why_queued(label: str, item: dict, threshold: float) -> str:
             f"p = {p:.3g}, i.e. about {p:.1%} of images known to be normal score this high.")
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    return (np.clip(x, 0.0, 1.0) * 255).round().astype(np.uint8)
+def from_the_line(station: str | None) -> str:
+    """What a card or a thumbnail says of an image the line sent (aae-ray ingest); empty for any other."""
+    return f"from the line (station {station})" if station else ""
 
 
 # --- cached loading ---------------------------------------------------------------------------------------------
@@ -106,6 +89,11 @@ def current_detector(ws: Workspace):
 def load_image_bytes(images_path: str, stamp: float) -> dict[str, bytes]:
     table = Workspace(Path(images_path).parent.parent).images().select(["id", "image"])
     return dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True))
+
+
+@st.cache_resource(show_spinner=False)
+def load_line_stations(images_path: str, stamp: float) -> dict[str, str]:
+    return line_stations(Workspace(Path(images_path).parent.parent))
 
 
 # --- callbacks: every label change happens here, before the page is drawn ---------------------------------------
@@ -195,6 +183,7 @@ def main() -> None:
         st.error(str(exc))
         return
     todo = progress(sb, queue, done)
+    shown, stations = line_filter(sb, ws, queue, todo)
 
     if not labeler:
         st.warning("Enter your name in the sidebar to start labeling.")
@@ -211,10 +200,13 @@ def main() -> None:
         if labeler:
             st.button("Undo", key="undo", shortcut="u", disabled=not _mine(labeler),
                       on_click=undo_last, args=(labels_dir, labeler, round_no))
+    elif not shown:
+        st.info(f"No unlabeled images from station {st.session_state.get('station')} left in this queue: pick "
+                f"another station, or {ALL_STATIONS}, in the sidebar.")
     elif mode == "Card":
-        card(ws, todo[0], len(queue), labeler, round_no, model, labels_dir)
+        card(ws, shown[0], len(queue), labeler, round_no, model, labels_dir, stations.get(shown[0]["id"]))
     else:
-        grid(ws, todo[:GRID_SIZE], labeler, round_no, model, labels_dir)
+        grid(ws, shown[:GRID_SIZE], labeler, round_no, model, labels_dir, stations)
     history_panel(ws)
 
 
@@ -253,6 +245,24 @@ def progress(sb, queue: list[dict], done: dict[str, str]) -> list[dict]:
     return todo
 
 
+def line_filter(sb, ws: Workspace, queue: list[dict], todo: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """The sidebar's "From the line first" (on by default) and station choice, shown while the queue holds images
+    the line sent; (the to-do rows in the order and selection they ask for, {id: station} of the line images)."""
+    stations = load_line_stations(str(ws.images_path), _stamp(ws.images_path))
+    present = sorted({stations[r["id"]] for r in queue if r["id"] in stations})
+    if not present:  # nothing from the line in this queue: nothing to order or filter
+        return todo, stations
+    first = sb.checkbox("From the line first", value=True, key="line_first",
+                        help="the images the line sent (aae-ray ingest, round --ingest) before the others, each "
+                             "group in rank order")
+    options = [ALL_STATIONS, *present]
+    if st.session_state.get("station") not in options:  # a station whose images left the queue
+        st.session_state["station"] = ALL_STATIONS
+    station = sb.selectbox("Station", options, key="station", help="only the line images of one station")
+    return for_labeling(todo, stations, line_first=first,
+                        station=None if station == ALL_STATIONS else station), stations
+
+
 def labeler_name(sb) -> str:
     if "labeler" not in st.session_state:  # first run of this browser session: the address may remember a name
         st.session_state["labeler"] = st.query_params.get("labeler", "")
@@ -260,14 +270,16 @@ def labeler_name(sb) -> str:
                          on_change=remember_labeler).strip()
 
 
-def card(ws: Workspace, item: dict, n_queue: int, labeler: str, round_no: int, model: str, labels_dir: str) -> None:
+def card(ws: Workspace, item: dict, n_queue: int, labeler: str, round_no: int, model: str, labels_dir: str,
+         station: str | None = None) -> None:
     det = current_detector(ws)
     data = load_image_bytes(str(ws.images_path), _stamp(ws.images_path))[item["id"]]
     original = decode_image(data)
     x = to_model_input([data], det.config.input_size)
     s = det.score(x)  # one pass: the reconstruction and the anomaly map (local T² where the model has one)
     recon, amap = s.x_hat[0, 0], s.maps[0]
-    st.subheader(f"Rank {item['rank']} of {n_queue} · `{item['id']}`")
+    line = f"{from_the_line(station)} · " if station else ""
+    st.subheader(f"Rank {item['rank']} of {n_queue} · {line}`{item['id']}`")
     h, w = original.shape[:2]
     side = det.config.input_size
     big, rest = st.columns([2, 3])
@@ -293,7 +305,8 @@ def card(ws: Workspace, item: dict, n_queue: int, labeler: str, round_no: int, m
                 width="stretch", on_click=undo_last, args=(labels_dir, labeler, round_no))
 
 
-def grid(ws: Workspace, page: list[dict], labeler: str, round_no: int, model: str, labels_dir: str) -> None:
+def grid(ws: Workspace, page: list[dict], labeler: str, round_no: int, model: str, labels_dir: str,
+         stations: dict[str, str] | None = None) -> None:
     images = load_image_bytes(str(ws.images_path), _stamp(ws.images_path))
     label = current_detector(ws).score_label
     st.subheader(f"Next {len(page)} unlabeled images, highest priority first")
@@ -301,7 +314,8 @@ def grid(ws: Workspace, page: list[dict], labeler: str, round_no: int, model: st
     for i, r in enumerate(page):
         with cols[i % 4]:
             st.image(upscale(decode_image(images[r["id"]]), THUMB_PX),
-                     caption=f"#{r['rank']} · {score_caption(label, r)}")
+                     caption=" · ".join(filter(None, [f"#{r['rank']}", score_caption(label, r),
+                                                      from_the_line((stations or {}).get(r["id"]))])))
             st.checkbox("defect", key=f"defect_{r['id']}", disabled=not labeler)
     b1, b2 = st.columns(2)
     b1.button("Save: ticked = defect, the rest normal", key="save_grid", type="primary", disabled=not labeler,

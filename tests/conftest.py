@@ -149,12 +149,13 @@ def listening_on(port: int) -> list[str]:
 
 
 @contextmanager
-def label_server(ws: Path, log_path: Path, stop: bool = True) -> Iterator:
-    """`aae-ray label WS` as a real Streamlit server on a free loopback port; yields its URL once healthy, or
-    (URL, process) with `stop=False` for a test that stops it itself (what is left is still killed)."""
+def label_server(ws: Path, log_path: Path, stop: bool = True, command: str = "label", *extra: str) -> Iterator:
+    """`aae-ray label WS` (or `command`: monitor) as a real Streamlit server on a free loopback port; yields its
+    URL once healthy, or (URL, process) with `stop=False` for a test that stops it itself (what is left is still
+    killed)."""
     port = free_port()
     log = log_path.open("w")
-    proc = subprocess.Popen([Path(sys.executable).parent / "aae-ray", "label", ws, "--port", str(port)],
+    proc = subprocess.Popen([Path(sys.executable).parent / "aae-ray", command, ws, "--port", str(port), *extra],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline, health = time.monotonic() + 60, None

@@ -8,13 +8,17 @@ from __future__ import annotations
 import re
 import tempfile
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import TINY_SET, label_server, run_cli
+from test_ingest import log_line
 
-from aae_ray import labels
+from aae_ray import importing, labels, rounds
+from aae_ray.prediction_log import content_id
+from aae_ray.workspace import Workspace
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -215,3 +219,23 @@ def test_the_card_shows_the_image_at_its_own_resolution_and_no_developer_toolbar
             assert page.locator("[data-testid='stMainMenu']").count() == 0
         finally:
             ctx.close()
+
+
+def test_a_line_image_sent_to_labeling_is_the_first_card_and_says_from_the_line(lab_ws, tmp_path, playwright):
+    """What a monitor's "send to labeling" does: the image joins the pool and the top of the queue at once."""
+    ws = Workspace.open(lab_ws)
+    sent = content_id(log_line(ws, 1, flagged={0}, at=datetime.now(UTC), station="cam-7")[0])
+    importing.line(lab_ws, ids=[sent], echo=lambda _: None)
+    rounds.enqueue(ws, [sent])
+    with label_server(lab_ws, tmp_path / "label.log") as url:
+        ctx = browser(playwright)
+        try:
+            page = open_page(ctx, url, "ann")
+            sync_api.expect(page.get_by_text(re.compile(r"^Rank 1 of \d+ · from the line \(station cam-7\)"))
+                            ).to_be_visible()
+            assert card_id(page) == sent
+            sync_api.expect(page.get_by_text("From the line first")).to_be_visible()
+            press_and_wait(page, "d", f"{sent} → defect")
+        finally:
+            ctx.close()
+    assert events_on_disk(lab_ws) == [(sent, "defect", "ann")]

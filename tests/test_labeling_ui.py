@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import TINY_SET, run_cli
+from test_ingest import log_line
 
-from aae_ray import artifacts, labels
+from aae_ray import artifacts, importing, labels, rounds
+from aae_ray.prediction_log import content_id
+from aae_ray.workspace import Workspace
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
@@ -179,3 +183,64 @@ def test_the_card_draws_the_local_t2_map_and_names_the_combined_score(lab_ws):
     why = [m.value for m in at.markdown if m.value.startswith("Queued at rank")]
     side = "above" if first["score"] > threshold else "below"
     assert why and f"is **{side}** the threshold" in why[0]
+
+
+# --- images from the line (issue 17) -------------------------------------------------------------------------------
+
+
+def test_for_labeling_puts_line_images_first_in_rank_order_and_keeps_one_station():
+    rows = [{"id": f"i{k}", "rank": k} for k in range(1, 7)]
+    stations = {"i5": "cam-2", "i2": "cam-2", "i4": "cam-1", "elsewhere": "cam-9"}
+    ids = lambda out: [r["id"] for r in out]  # noqa: E731
+    assert ids(rounds.for_labeling(rows, stations)) == ["i2", "i4", "i5", "i1", "i3", "i6"]
+    assert ids(rounds.for_labeling(rows, stations, line_first=False)) == [f"i{k}" for k in range(1, 7)]
+    assert ids(rounds.for_labeling(rows, stations, station="cam-2")) == ["i2", "i5"]
+    assert ids(rounds.for_labeling(rows, stations, station="cam-9")) == []
+    assert ids(rounds.for_labeling(rows, {})) == [f"i{k}" for k in range(1, 7)]
+    assert rows == [{"id": f"i{k}", "rank": k} for k in range(1, 7)]  # the caller's rows untouched
+    assert [rounds.line_station(s) for s in ("line:cam-1", "line:a:b/c", "synthetic", "folder", None)] == [
+        "cam-1", "a:b/c", None, None, None]
+
+
+def line_images_at_the_bottom(ws_root: Path) -> list[str]:
+    """Two images from cam-1 and one from cam-2 ingested, queued last: only "from the line first" lifts them."""
+    ws = Workspace.open(ws_root)
+    queued = queue_ids(ws_root)
+    data = log_line(ws, 2, flagged=set(), at=datetime.now(UTC), station="cam-1")
+    data += log_line(ws, 1, flagged=set(), at=datetime.now(UTC), station="cam-2", seed=2000)
+    line_ids = [content_id(d) for d in data]
+    importing.line(ws_root, ids=line_ids, echo=lambda _: None)
+    rounds.enqueue(ws, line_ids)
+    rounds.enqueue(ws, queued)  # the imported queue back on top, in its order: the line images last
+    assert queue_ids(ws_root)[-3:] == line_ids
+    return line_ids
+
+
+def test_line_images_come_first_and_say_so_and_the_station_box_filters(lab_ws):
+    line_ids = line_images_at_the_bottom(lab_ws)
+    ids = queue_ids(lab_ws)
+    at = app()
+    assert at.checkbox(key="line_first").value is True  # on: the queue holds line images
+    assert at.selectbox(key="station").options == ["all stations", "cam-1", "cam-2"]
+    assert shown_id(at) == line_ids[0] and "from the line (station cam-1)" in at.subheader[0].value
+    at.checkbox(key="line_first").uncheck().run()
+    assert shown_id(at) == ids[0] and "from the line" not in at.subheader[0].value
+    at.selectbox(key="station").select("cam-2").run()
+    assert shown_id(at) == line_ids[2] and "from the line (station cam-2)" in at.subheader[0].value
+    at.button(key="defect").click().run()  # cam-2's only image answered: nothing of it left
+    assert not at.exception and any("No unlabeled images from station cam-2" in i.value for i in at.info)
+    at.selectbox(key="station").select("all stations").run()
+    at.checkbox(key="line_first").check().run()
+    at.radio(key="mode").set_value("Grid").run()
+    captions = [img.caption for el in at.get("image") for img in el.proto.imgs]  # column by column (4 columns)
+    line_captions = [c for c in captions if "from the line" in c]
+    assert len(captions) == 12 and captions[0] in line_captions  # cam-2's is labeled: cam-1's two, then rank order
+    assert len(line_captions) == 2 and all(c.endswith("· from the line (station cam-1)") for c in line_captions)
+    assert {c.split(" · ")[0] for c in captions} - {c.split(" · ")[0] for c in line_captions} == {
+        f"#{k}" for k in range(1, 11)}
+
+
+def test_without_line_images_the_page_has_no_line_controls_and_keeps_rank_order(lab_ws):
+    at = app()
+    assert not [c for c in at.checkbox if c.key == "line_first"] and not at.selectbox
+    assert shown_id(at) == queue_ids(lab_ws)[0] and "from the line" not in at.subheader[0].value

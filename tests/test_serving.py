@@ -318,3 +318,22 @@ def test_logging_can_be_turned_off(ws_served):
     assert call(svc, "POST", "/score", pool_images(ws_served, 1)[0], {"content-type": "image/png"}).status == 200
     svc.stop()
     assert not Workspace.open(ws_served).predictions_dir.exists()
+
+
+def test_the_watcher_records_drift_alarms_and_health_shows_them(ws_served):
+    import time
+
+    from test_monitor import log_stream, shifted
+
+    ws = Workspace.open(ws_served)
+    log_stream(ws, shifted(50, 150, 2.5), station="cam-9")  # what earlier traffic left in the log
+    svc = serving.ScoringService(serving.settings(workspace=ws_served, reload_interval_s=0.05, alarm_check_s=0.1))
+    assert call(svc, "GET", "/health").body["alarms"] == {"count": 0, "latest": []}
+    svc.start_watching()
+    deadline = time.monotonic() + 20
+    while not list(ws.alarms_dir.glob("*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    svc.stop()
+    time.sleep(2.1)  # past the summary's cache
+    alarms = call(svc, "GET", "/health").body["alarms"]
+    assert alarms["count"] >= 1 and "station cam-9 round 0: drift up" in alarms["latest"][-1]

@@ -1,0 +1,296 @@
+"""The line's monitor: the prediction log (WS/predictions/) read as control charts, drift alarms kept in WS/alarms/.
+
+A *stream* is one station's served images in arrival order (rows without a station form the stream "unnamed";
+stations are different processes, so each has its own chart). Each image is charted against the model that
+answered it: its primary score beside that model's centre line (the median normal score) and limit, and its
+normal score (aae_ray.control_chart.normal_scores: N(0, 1) while in control, from the model's calibration
+scores) in an EWMA chart designed for an in-control average run length of `arl0` images. The EWMA starts again
+at 0 when a station's answering round changes (a promotion brings a new limit).
+
+Alarms are events, one per excursion of the EWMA outside its limits ("drift", up or down), plus one per ended
+hour whose count of images over the limit is above the binomial band of alpha ("rate"). `check_alarms` computes
+them from the whole log and appends the new ones to WS/alarms/ (Parquet fragments, atomic); an alarm's id is a
+hash of what raised it, so two checkers (a replica and the monitor page) may both write one and a reader still
+sees it once. Run on each monitor page load, on `aae-ray monitor --report`, and by every serving replica every
+`alarm_check_s`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from scipy import stats
+
+from aae_ray import artifacts, control_chart
+from aae_ray.atomic import atomic_write
+from aae_ray.prediction_log import read_predictions
+from aae_ray.scoring import ScoreLimit
+from aae_ray.workspace import Workspace
+
+UNNAMED = "unnamed"
+ALARM_SCHEMA = pa.schema([
+    ("id", pa.string()), ("kind", pa.string()), ("direction", pa.string()), ("station", pa.string()),
+    ("round", pa.int32()), ("model", pa.string()), ("ts", pa.timestamp("us", tz="UTC")), ("image_id", pa.string()),
+    ("statistic", pa.float64()), ("limit", pa.float64()), ("n", pa.int64()), ("detail", pa.string()),
+    ("detected_at", pa.timestamp("us", tz="UTC")),
+])
+LOG_COLUMNS = ["ts", "id", "station", "round", "model", "score", "p_value", "threshold", "anomaly"]
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """The charts' design: EWMA weight, in-control ARL, and the confidence of the hourly rate band."""
+
+    lam: float = 0.1
+    arl0: float = 500.0
+    band_level: float = 0.99
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.lam <= 1.0:
+            raise ValueError(f"the EWMA weight must be in (0, 1], got {self.lam}")
+        if self.arl0 < 10:
+            raise ValueError(f"the in-control ARL must be >= 10 images, got {self.arl0}")
+        if not 0.5 <= self.band_level < 1.0:
+            raise ValueError(f"the rate band's level must be in [0.5, 1), got {self.band_level}")
+
+    def design(self) -> control_chart.EwmaDesign:
+        return _design(self.lam, self.arl0)
+
+
+@lru_cache(maxsize=16)
+def _design(lam: float, arl0: float) -> control_chart.EwmaDesign:  # a root search: once a design, not a page load
+    return control_chart.design_ewma(lam, arl0)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One station's served images in arrival order, each against the model that answered it."""
+
+    station: str
+    ts: np.ndarray  # datetime64[us], UTC
+    ids: list[str]
+    round: np.ndarray  # int
+    score: np.ndarray  # the primary score
+    threshold: np.ndarray  # the answering model's limit
+    centre: np.ndarray  # the answering model's median normal score
+    alpha: np.ndarray  # the answering model's alpha
+    anomaly: np.ndarray  # bool
+    z: np.ndarray  # normal scores: N(0, 1) while in control
+    ewma: np.ndarray  # the EWMA of z, restarted at each change of round
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def between(self, since: datetime | None, until: datetime | None) -> Stream:
+        keep = np.ones(len(self), dtype=bool)
+        if since is not None:
+            keep &= self.ts >= np.datetime64(since.astimezone(UTC).replace(tzinfo=None), "us")
+        if until is not None:
+            keep &= self.ts <= np.datetime64(until.astimezone(UTC).replace(tzinfo=None), "us")
+        idx = np.flatnonzero(keep)
+        return replace(self, ids=[self.ids[i] for i in idx], **{
+            k: getattr(self, k)[idx] for k in ("ts", "round", "score", "threshold", "centre", "alpha", "anomaly",
+                                                "z", "ewma")})
+
+
+@dataclass(frozen=True)
+class LineChart:
+    design: control_chart.EwmaDesign
+    streams: dict[str, Stream]
+    promotions: list[tuple[datetime, str, int]] = field(default_factory=list)  # (first answer, station, round)
+
+    @property
+    def n(self) -> int:
+        return sum(len(s) for s in self.streams.values())
+
+
+def read_line(ws: Workspace) -> pa.Table:
+    """The prediction log without the image bytes, in arrival order (ties by id, so every read agrees)."""
+    table = read_predictions(ws.predictions_dir, columns=LOG_COLUMNS)
+    table = table.set_column(table.schema.get_field_index("station"), "station",
+                             pc.fill_null(table.column("station"), UNNAMED))
+    return table.sort_by([("ts", "ascending"), ("id", "ascending")])
+
+
+def line_chart(ws: Workspace, settings: MonitorSettings | None = None) -> LineChart:
+    """Every station's stream from the whole log (filter with `Stream.between` for display: the EWMA is the
+    same whatever window a person looks at)."""
+    settings = settings or MonitorSettings()
+    design = settings.design()
+    table = read_line(ws)
+    streams, promotions = {}, []
+    for station in sorted(set(table.column("station").to_pylist())):
+        rows = table.filter(pc.equal(table.column("station"), station))
+        streams[station] = _stream(ws, station, rows, design.lam)
+        rnd = streams[station].round
+        for i in np.flatnonzero(np.r_[True, rnd[1:] != rnd[:-1]]) if len(rnd) else []:
+            promotions.append((to_datetime(streams[station].ts[i]), station, int(rnd[i])))
+    return LineChart(design, streams, sorted(promotions))
+
+
+def _stream(ws: Workspace, station: str, rows: pa.Table, lam: float) -> Stream:
+    col = {c: rows.column(c).to_numpy(zero_copy_only=False) for c in ("score", "p_value", "threshold", "round")}
+    rnd = col["round"].astype(np.int64)
+    n = len(rnd)
+    z, centre, alpha, stat = np.zeros(n), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
+    starts = np.flatnonzero(np.r_[True, rnd[1:] != rnd[:-1]]) if n else np.array([], dtype=int)
+    for a, b in zip(starts, np.r_[starts[1:], n], strict=True):
+        limit = _limit(ws, int(rnd[a]))
+        z[a:b] = _normal(limit, col["score"][a:b], col["p_value"][a:b])
+        centre[a:b], alpha[a:b] = _centre(limit), np.nan if limit is None else limit.alpha
+        stat[a:b] = control_chart.ewma(z[a:b], lam)
+    ts = rows.column("ts").to_numpy(zero_copy_only=False).astype("datetime64[us]")
+    return Stream(station, ts, rows.column("id").to_pylist(), rnd, col["score"], col["threshold"], centre, alpha,
+                  rows.column("anomaly").to_numpy(zero_copy_only=False).astype(bool), z, stat)
+
+
+def _limit(ws: Workspace, round_no: int) -> ScoreLimit | None:
+    try:
+        return artifacts.read_limit(ws.model_dir(round_no))
+    except artifacts.ArtifactError:  # the round's model was deleted: chart its p-values as an F law's
+        return None
+
+
+def _normal(limit: ScoreLimit | None, score: np.ndarray, p_value: np.ndarray) -> np.ndarray:
+    if limit is not None and len(limit.calibration):
+        return control_chart.normal_scores(score, limit.calibration)
+    return control_chart.f_normal_scores(p_value)
+
+
+def _centre(limit: ScoreLimit | None) -> float:
+    """The in-control median of the score: of the calibration scores, or of the F law of the global T2."""
+    if limit is None:
+        return float("nan")
+    if len(limit.calibration):
+        return float(np.median(limit.calibration))
+    if limit.f_dof is not None:
+        n, p = limit.f_dof
+        return float(stats.f.isf(0.5, p, n - p) * p * (n + 1) * (n - 1) / (n * (n - p)))
+    return float("nan")
+
+
+def to_datetime(t: np.datetime64) -> datetime:
+    """A numpy UTC timestamp as an aware datetime."""
+    return datetime.fromtimestamp(t.astype("datetime64[us]").astype(np.int64) / 1e6, UTC)
+
+
+# --- alarms ---------------------------------------------------------------------------------------------------
+
+
+def drift_alarms(chart: LineChart) -> list[dict[str, Any]]:
+    """One alarm an excursion of a station's EWMA outside its limits."""
+    limit = chart.design.limit
+    out = []
+    for s in chart.streams.values():
+        for i in control_chart.excursions(s.ewma, limit):
+            other = np.flatnonzero(s.round[: i + 1] != s.round[i])  # earlier rounds' images
+            since_start = int(i - (other[-1] + 1 if len(other) else 0)) + 1
+            out.append(_alarm("drift", "up" if s.ewma[i] > 0 else "down", s, int(i), float(s.ewma[i]), limit,
+                              n=since_start, detail=f"EWMA lam={chart.design.lam:g} L={chart.design.L:.3f} "
+                                                    f"(in-control ARL {chart.design.arl0:g} images)"))
+    return out
+
+
+def rate_alarms(chart: LineChart, level: float, now: datetime) -> list[dict[str, Any]]:
+    """One alarm an ended hour of a station with more images over the limit than alpha allows at `level`."""
+    out = []
+    for hour, s, idx, band in hourly_rates(chart, level):
+        if hour + timedelta(hours=1) <= now and band.over > band.high:
+            out.append(_alarm("rate", "up", s, int(idx[-1]), float(band.over), float(band.high), n=band.n,
+                              detail=f"{band.over} of {band.n} over the limit in the hour from {hour:%Y-%m-%d %H:00} "
+                                     f"UTC; alpha allows {band.low}..{band.high} ({level:.0%})"))
+    return out
+
+
+def hourly_rates(chart: LineChart, level: float = 0.99):
+    """(hour start, stream, row indices, RateBand) for every station-hour with images."""
+    for s in chart.streams.values():
+        hours = s.ts.astype("datetime64[h]")
+        for h in np.unique(hours):
+            idx = np.flatnonzero(hours == h)
+            alpha = float(np.nanmean(s.alpha[idx])) if np.isfinite(s.alpha[idx]).any() else 0.01
+            yield to_datetime(h), s, idx, control_chart.rate_band(len(idx), int(s.anomaly[idx].sum()), alpha, level)
+
+
+def _alarm(kind: str, direction: str, s: Stream, i: int, statistic: float, limit: float, *, n: int,
+           detail: str) -> dict[str, Any]:
+    ts = to_datetime(s.ts[i])
+    key = f"{kind}|{direction}|{s.station}|{int(s.round[i])}|{s.ids[i]}|{ts.isoformat()}"
+    return {"id": hashlib.sha1(key.encode()).hexdigest()[:16], "kind": kind, "direction": direction,
+            "station": s.station, "round": int(s.round[i]), "model": f"rounds/r{int(s.round[i]):03d}/model", "ts": ts,
+            "image_id": s.ids[i], "statistic": statistic, "limit": limit, "n": n, "detail": detail}
+
+
+def check_alarms(ws: Workspace, settings: MonitorSettings | None = None, *,
+                 now: datetime | None = None) -> list[dict[str, Any]]:
+    """Compute the alarms of the whole log and append the ones not yet recorded to WS/alarms/; the new ones."""
+    settings = settings or MonitorSettings()
+    now = now or datetime.now(UTC)
+    chart = line_chart(ws, settings)
+    known = {a["id"] for a in read_alarms(ws)}
+    new = [a for a in drift_alarms(chart) + rate_alarms(chart, settings.band_level, now) if a["id"] not in known]
+    if new:
+        table = pa.Table.from_pylist([a | {"detected_at": now} for a in new], schema=ALARM_SCHEMA)
+        ws.alarms_dir.mkdir(parents=True, exist_ok=True)
+        path = ws.alarms_dir / f"a-{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
+        atomic_write(path, lambda f: pq.write_table(table, f))
+    return new
+
+
+def read_alarms(ws: Workspace) -> list[dict[str, Any]]:
+    """Every recorded alarm once (the first record of an id), newest first."""
+    files = sorted(p for p in ws.alarms_dir.glob("a-*.parquet")) if ws.alarms_dir.is_dir() else []
+    seen: dict[str, dict[str, Any]] = {}
+    for path in files:
+        for row in pq.read_table(path).to_pylist():
+            seen.setdefault(row["id"], row)
+    return sorted(seen.values(), key=lambda a: (a["ts"], a["id"]), reverse=True)
+
+
+def alarm_summary(ws: Workspace, latest: int = 3) -> dict[str, Any]:
+    """What GET /health and `aae-ray status` show: how many alarms, and the latest few in words."""
+    alarms = read_alarms(ws)
+    return {"count": len(alarms), "latest": [describe_alarm(a) for a in alarms[:latest]]}
+
+
+def describe_alarm(a: dict[str, Any]) -> str:
+    what = {"drift": f"drift {a['direction']} (EWMA {a['statistic']:+.3f} beyond {a['limit']:.3f})",
+            "rate": f"too many over the limit ({a['statistic']:.0f} > {a['limit']:.0f} in an hour)"}[a["kind"]]
+    return f"{a['ts']:%Y-%m-%d %H:%M:%S} UTC station {a['station']} round {a['round']}: {what}, image {a['image_id']}"
+
+
+def logged_image(ws: Workspace, image_id: str) -> bytes | None:
+    """The bytes the log kept for an image (None where it kept none: `serve --log-images`, `--log-sample`)."""
+    t = read_predictions(ws.predictions_dir, columns=["id", "image"])
+    t = t.filter(pc.and_(pc.equal(t.column("id"), image_id), pc.is_valid(t.column("image"))))
+    return t.column("image")[0].as_py() if t.num_rows else None
+
+
+def send_to_labeling(ws: Workspace, image_id: str) -> str:
+    """A logged line image into the pool (aae_ray.importing.line) and at the top of the latest labeling queue
+    (aae_ray.rounds.enqueue), so the labeling page shows it next; what was done, in words. ValueError where the
+    log kept no bytes for it or there is no queue yet."""
+    from aae_ray.importing import line
+    from aae_ray.rounds import enqueue
+
+    imported = line(ws.root, ids=[image_id], echo=lambda *_: None)
+    if image_id not in _pool_ids(ws):
+        why = imported.skipped[0]["reason"] if imported.skipped else "the prediction log kept no bytes for it"
+        raise ValueError(f"image {image_id} cannot join the pool: {why}")
+    q = enqueue(ws, [image_id])
+    return (f"image {image_id} is in the pool and first in round {q.round_no}'s labeling queue "
+            f"({'added' if q.added else 'moved up' if q.rewritten else 'already first'})")
+
+
+def _pool_ids(ws: Workspace) -> set[str]:
+    t = pq.read_table(ws.images_path, columns=["id", "split"])
+    return {i for i, s in zip(t.column("id").to_pylist(), t.column("split").to_pylist(), strict=True) if s == "pool"}

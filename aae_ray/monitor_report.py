@@ -1,0 +1,158 @@
+"""The monitor's figures and numbers: drawn once here for the monitor page and for `aae-ray monitor --report DIR`
+(the same PNGs and a JSON of what they show, for a person without a browser).
+
+How to read them:
+- *score*: each served image's primary score in arrival order, a station a colour; the dashed line is the centre
+  (the median score of the answering model's calibration normals), the solid one its limit; points over the limit
+  are the images the line was told are anomalies (marked x), vertical lines the promotions (a new round answers).
+- *EWMA*: the exponentially weighted average of the images' normal scores (0 while in control, 1 = a shift of one
+  standard deviation), with the limits designed for the stated in-control run length; a red mark is a drift alarm.
+- *rate*: images over the limit per hour against alpha's expectation and its binomial band; a bar above the band
+  is more defects (or false alarms) than the limit allows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on a line box or a CI machine
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from aae_ray import monitor  # noqa: E402
+from aae_ray.atomic import write_text  # noqa: E402
+from aae_ray.workspace import Workspace  # noqa: E402
+
+
+@dataclass(frozen=True)
+class View:
+    """What a person looks at: some stations over a time window, with the alarms that fall in it."""
+
+    chart: monitor.LineChart
+    streams: dict[str, monitor.Stream]  # the chosen stations, cut to the window
+    alarms: list[dict[str, Any]]  # recorded alarms of those stations in the window, newest first
+    level: float  # the rate band's confidence
+
+    @property
+    def n(self) -> int:
+        return sum(len(s) for s in self.streams.values())
+
+
+def view(ws: Workspace, settings: monitor.MonitorSettings | None = None, *, stations: list[str] | None = None,
+         since: datetime | None = None, until: datetime | None = None) -> View:
+    settings = settings or monitor.MonitorSettings()
+    chart = monitor.line_chart(ws, settings)
+    chosen = {k: s.between(since, until) for k, s in chart.streams.items() if not stations or k in stations}
+    alarms = [a for a in monitor.read_alarms(ws) if a["station"] in chosen
+              and (since is None or a["ts"] >= since) and (until is None or a["ts"] <= until)]
+    return View(chart, chosen, alarms, settings.band_level)
+
+
+def _times(s: monitor.Stream) -> np.ndarray:
+    return s.ts.astype("datetime64[ms]").astype(datetime)
+
+
+def score_figure(v: View) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(10, 3.2), constrained_layout=True)
+    for name, s in v.streams.items():
+        t = _times(s)
+        ax.scatter(t[~s.anomaly], s.score[~s.anomaly], s=6, label=name)
+        ax.scatter(t[s.anomaly], s.score[s.anomaly], s=28, marker="x", color="crimson")
+        ax.step(t, s.threshold, where="post", color="black", lw=1)
+        ax.step(t, s.centre, where="post", color="gray", lw=1, ls="--")
+    _promotions(ax, v)
+    ax.set(title="Primary score of served images (x: over the limit)", ylabel="score")
+    _legend(ax, v)
+    return fig
+
+
+def ewma_figure(v: View) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(10, 3.2), constrained_layout=True)
+    limit = v.chart.design.limit
+    for name, s in v.streams.items():
+        ax.plot(_times(s), s.ewma, lw=1, label=name)
+    for a in v.alarms:
+        if a["kind"] == "drift":
+            ax.scatter([a["ts"]], [a["statistic"]], color="red", s=40, zorder=3)
+    for y in (limit, -limit):
+        ax.axhline(y, color="black", lw=1)
+    ax.axhline(0, color="gray", lw=1, ls="--")
+    _promotions(ax, v)
+    d = v.chart.design
+    ax.set(title=f"EWMA of the normal scores (lam {d.lam:g}, L {d.L:.3f}: in-control ARL {d.arl0:g} images)",
+           ylabel="EWMA")
+    _legend(ax, v)
+    return fig
+
+
+def rate_figure(v: View) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(10, 2.8), constrained_layout=True)
+    rows = hourly(v)
+    if rows:
+        x = np.arange(len(rows))
+        ax.bar(x, [r["over"] for r in rows], color=["crimson" if r["outside"] else "steelblue" for r in rows])
+        ax.errorbar(x, [r["expected"] for r in rows], yerr=[[r["expected"] - r["low"] for r in rows],
+                                                             [r["high"] - r["expected"] for r in rows]],
+                    fmt="_", color="black", capsize=4, label=f"alpha's expectation, {v.level:.0%} band")
+        ax.set_xticks(x, [f"{r['hour'][5:13]}h\n{r['station']}" for r in rows], fontsize=7)
+        ax.legend(fontsize=8)
+    ax.set(title="Images over the limit per hour", ylabel="images")
+    return fig
+
+
+def hourly(v: View) -> list[dict[str, Any]]:
+    sub = monitor.LineChart(v.chart.design, v.streams)
+    return [{"hour": h.isoformat(), "station": s.station, "n": b.n, "over": b.over, "expected": b.expected,
+             "low": b.low, "high": b.high, "outside": b.outside} for h, s, _, b in monitor.hourly_rates(sub, v.level)]
+
+
+def _promotions(ax, v: View) -> None:
+    for ts, station, rnd in v.chart.promotions:
+        if station in v.streams and len(v.streams[station]) and _times(v.streams[station])[0] <= ts.replace(
+                tzinfo=None) <= _times(v.streams[station])[-1]:
+            ax.axvline(ts.replace(tzinfo=None), color="green", lw=1, alpha=0.6)
+            ax.annotate(f"r{rnd}", (ts.replace(tzinfo=None), 1), xycoords=("data", "axes fraction"), fontsize=7,
+                        color="green", va="top")
+
+
+def _legend(ax, v: View) -> None:
+    if len(v.streams) > 1:
+        ax.legend(fontsize=7, markerscale=2, loc="upper left")
+
+
+def numbers(v: View) -> dict[str, Any]:
+    """What the figures show, as numbers."""
+    d = v.chart.design
+    return {"design": d.to_dict() | {"arl_at_1_sigma": d.arl(1.0)}, "images": v.n,
+            "stations": {k: {"images": len(s), "over_limit": int(s.anomaly.sum()),
+                             "ewma_last": float(s.ewma[-1]) if len(s) else None,
+                             "first": _iso(s, 0), "last": _iso(s, -1)} for k, s in v.streams.items()},
+            "hours": hourly(v), "promotions": [{"ts": t.isoformat(), "station": st, "round": r}
+                                               for t, st, r in v.chart.promotions if st in v.streams],
+            "alarms": [{**a, "ts": a["ts"].isoformat(), "detected_at": a["detected_at"].isoformat(),
+                        "text": monitor.describe_alarm(a)} for a in v.alarms]}
+
+
+def _iso(s: monitor.Stream, i: int) -> str | None:
+    return monitor.to_datetime(s.ts[i]).isoformat() if len(s) else None
+
+
+def write_report(ws: Workspace, out: Path, settings: monitor.MonitorSettings | None = None, **window) -> dict:
+    """Check for new alarms, then write score.png, ewma.png, rate.png and monitor.json into `out`."""
+    new = monitor.check_alarms(ws, settings)
+    v = view(ws, settings, **window)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, draw in (("score", score_figure), ("ewma", ewma_figure), ("rate", rate_figure)):
+        fig = draw(v)
+        fig.savefig(out / f"{name}.png", dpi=110)
+        plt.close(fig)
+    data = numbers(v) | {"workspace": str(ws.root), "written_at": datetime.now(UTC).isoformat(),
+                         "new_alarms": len(new)}
+    write_text(out / "monitor.json", json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
+    return data

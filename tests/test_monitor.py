@@ -1,0 +1,198 @@
+"""The line's monitor: the prediction log as a chart per station, drift and rate alarms recorded once."""
+
+from __future__ import annotations
+
+import zlib
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from scipy import stats
+from test_ingest import png
+
+from aae_ray import artifacts, monitor
+from aae_ray.prediction_log import LogSettings, PredictionLog, content_id
+from aae_ray.workspace import Workspace
+
+T0 = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+
+
+def log_stream(ws: Workspace, z: np.ndarray, *, station: str | None = "cam-1", round_no: int = 0,
+               start: datetime = T0, step: timedelta = timedelta(seconds=1),
+               over: np.ndarray | None = None, pngs: bool = False) -> list[str]:
+    """Served images whose primary scores sit at the normal quantiles `z` of the round's calibration scores: an
+    in-control stream for z ~ N(0, 1), a shifted one for z ~ N(d, 1). `over`: these are defects, far over.
+    `pngs`: real (noise) PNG images whose bytes the log keeps, else placeholder bytes it does not keep."""
+    limit = artifacts.read_limit(ws.model_dir(round_no))
+    scores = np.quantile(limit.calibration, stats.norm.cdf(z))
+    if over is not None:
+        scores[over] = 2 * limit.threshold
+    log = PredictionLog(ws.predictions_dir, LogSettings(images="all" if pngs else "none"))
+    seed = zlib.crc32(f"{station}{round_no}{start}".encode()) % 10**6
+    images = [png(seed + i) if pngs else f"{station}-{round_no}-{start:%H%M%S}-{i}".encode() for i in range(len(z))]
+    for i, s in enumerate(scores):
+        result = {"score": float(s), "t2": float(s), "t2_local": None, "p_value": float(limit.p_value(s)),
+                  "threshold": limit.threshold, "anomaly": bool(s > limit.threshold)}
+        log.record([result], [images[i]], round_no=round_no,
+                   model=f"rounds/r{round_no:03d}/model", station=station, ts=start + i * step)
+    log.flush()
+    return [content_id(b) for b in images]
+
+
+def shifted(n_in: int, n_out: int, shift: float, seed: int = 0) -> np.ndarray:
+    z = np.random.default_rng(seed).standard_normal(n_in + n_out)
+    z[n_in:] += shift
+    return z
+
+
+def test_a_planted_shift_raises_one_drift_alarm_soon_after_it_starts(scored_copy_path):
+    ws = Workspace.open(scored_copy_path)
+    ids = log_stream(ws, shifted(300, 200, 1.5))
+    # ARL0 5000: a false alarm among the 300 in-control images has a chance of 6%, none with this seed
+    settings = monitor.MonitorSettings(lam=0.1, arl0=5000)
+    new = monitor.check_alarms(ws, settings, now=T0 + timedelta(minutes=10))
+    drift = [a for a in new if a["kind"] == "drift"]
+    assert len(drift) == 1, "one sustained shift, one excursion, one alarm"
+    first = drift[0]
+    n_image = ids.index(first["image_id"])
+    # this design's ARL at a 1.5-sigma shift is ~8 images; 60 is far in its tail
+    assert settings.design().arl(1.5) < 10
+    assert 300 <= n_image < 360 and first["direction"] == "up" and first["station"] == "cam-1"
+    assert first["statistic"] > first["limit"] == pytest.approx(settings.design().limit)
+    assert monitor.check_alarms(ws, settings, now=T0 + timedelta(minutes=10)) == []  # recorded once
+    assert [a["id"] for a in monitor.read_alarms(ws)] == [a["id"] for a in sorted(
+        new, key=lambda a: (a["ts"], a["id"]), reverse=True)]
+
+
+def test_two_checkers_writing_the_same_alarm_are_read_once(scored_copy_path):
+    ws = Workspace.open(scored_copy_path)
+    log_stream(ws, shifted(100, 100, 2.0))
+    first = monitor.check_alarms(ws, now=T0 + timedelta(minutes=5))
+    for path in list(ws.alarms_dir.glob("*.parquet")):  # a second checker that raced the first one
+        (ws.alarms_dir / path.name.replace("a-", "a-z", 1)).write_bytes(path.read_bytes())
+    assert len(list(ws.alarms_dir.glob("*.parquet"))) == 2
+    assert len(monitor.read_alarms(ws)) == len(first) > 0
+    summary = monitor.alarm_summary(ws)
+    assert summary["count"] == len(first) and "station cam-1 round 0: drift up" in summary["latest"][0]
+
+
+def test_stations_are_charted_apart_and_only_the_drifting_one_alarms(scored_copy_path):
+    ws = Workspace.open(scored_copy_path)
+    log_stream(ws, shifted(200, 200, 0.0, seed=3), station="cam-1")
+    log_stream(ws, shifted(200, 200, 2.0, seed=4), station="cam-2")
+    log_stream(ws, shifted(50, 0, 0.0, seed=5), station=None)
+    chart = monitor.line_chart(ws)
+    assert set(chart.streams) == {"cam-1", "cam-2", monitor.UNNAMED} and chart.n == 850
+    alarms = monitor.drift_alarms(chart)
+    assert {a["station"] for a in alarms} == {"cam-2"}
+
+
+def test_in_control_normal_scores_are_standard_and_the_ewma_restarts_at_a_promotion(scored_copy_path):
+    ws = Workspace.open(scored_copy_path)
+    z = np.random.default_rng(7).standard_normal(400)
+    log_stream(ws, z[:200])
+    # round 1 is the same model promoted again: a new round number is what restarts the chart
+    import shutil
+    shutil.copytree(ws.model_dir(0), ws.model_dir(1))
+    log_stream(ws, z[200:], round_no=1, start=T0 + timedelta(seconds=200))
+    s = monitor.line_chart(ws, monitor.MonitorSettings(lam=0.2)).streams["cam-1"]
+    assert abs(s.z.mean()) < 0.2 and 0.8 < s.z.std() < 1.2
+    assert s.ewma[200] == pytest.approx(0.2 * s.z[200])  # started again from 0
+    assert s.ewma[199] != pytest.approx(0.2 * s.z[199])
+    assert np.allclose(s.centre, np.median(artifacts.read_limit(ws.model_dir(0)).calibration))
+    chart = monitor.line_chart(ws)
+    assert [(p[1], p[2]) for p in chart.promotions] == [("cam-1", 0), ("cam-1", 1)]
+    window = s.between(T0 + timedelta(seconds=100), T0 + timedelta(seconds=149))
+    assert len(window) == 50 and window.ewma[0] == s.ewma[100]
+
+
+def test_an_ended_hour_with_too_many_images_over_the_limit_raises_a_rate_alarm(scored_copy_path):
+    ws = Workspace.open(scored_copy_path)
+    z = np.random.default_rng(1).standard_normal(120)
+    defects = np.arange(120) % 4 == 0  # a quarter far above the limit: a defect rate, not a drift of the normals
+    log_stream(ws, z, step=timedelta(seconds=20), over=defects)  # 08:00 to 08:40
+    during = monitor.check_alarms(ws, now=T0 + timedelta(minutes=50))
+    assert not [a for a in during if a["kind"] == "rate"], "the hour has not ended"
+    after = monitor.check_alarms(ws, now=T0 + timedelta(hours=1, minutes=1))
+    rate = [a for a in after if a["kind"] == "rate"]
+    assert len(rate) == 1 and rate[0]["n"] == 120 and rate[0]["statistic"] >= 30
+    hours = list(monitor.hourly_rates(monitor.line_chart(ws)))
+    assert len(hours) == 1 and hours[0][3].outside
+
+
+def test_no_log_means_no_streams_and_no_alarms(scored_copy_path):
+    ws = Workspace.open(scored_copy_path)
+    assert monitor.line_chart(ws).streams == {}
+    assert monitor.check_alarms(ws) == [] and monitor.alarm_summary(ws) == {"count": 0, "latest": []}
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="EWMA weight"):
+        monitor.MonitorSettings(lam=0)
+    with pytest.raises(ValueError, match="in-control ARL"):
+        monitor.MonitorSettings(arl0=3)
+
+
+def test_status_shows_the_line_and_its_alarms(scored_copy_path, capsys):
+    from conftest import run_cli
+
+    ws = Workspace.open(scored_copy_path)
+    log_stream(ws, shifted(50, 100, 2.5), station="cam-4")
+    monitor.check_alarms(ws, now=T0 + timedelta(minutes=5))
+    capsys.readouterr()
+    assert run_cli("status", scored_copy_path) == 0
+    out = capsys.readouterr().out
+    assert "line: 150 served images" in out and "stations cam-4" in out
+    assert "alarms: 1 " in out and "station cam-4 round 0: drift up" in out
+
+
+def test_the_report_writes_the_charts_and_their_numbers(scored_copy_path, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from aae_ray.monitor_report import write_report
+
+    ws = Workspace.open(scored_copy_path)
+    log_stream(ws, shifted(100, 100, 2.0), station="cam-1")
+    log_stream(ws, shifted(80, 0, 0.0, seed=2), station="cam-2", start=T0 + timedelta(hours=2))
+    data = write_report(ws, tmp_path / "report", stations=["cam-1"])
+    for name in ("score", "ewma", "rate"):
+        assert Image.open(tmp_path / "report" / f"{name}.png").size[0] > 500
+    saved = json.loads((tmp_path / "report" / "monitor.json").read_text())
+    assert saved["images"] == 200 and list(saved["stations"]) == ["cam-1"] and saved["new_alarms"] >= 1
+    assert saved["alarms"][0]["kind"] == "drift" and "cam-1" in saved["alarms"][0]["text"]
+    assert saved["design"]["arl0"] == 500 and saved["design"]["arl_at_1_sigma"] < 15
+    assert sum(h["n"] for h in saved["hours"]) == 200 == data["images"]
+    window = write_report(ws, tmp_path / "later", since=T0 + timedelta(hours=1))
+    assert window["images"] == 80 and window["alarms"] == [] and window["new_alarms"] == 0
+
+
+def test_the_monitor_command_writes_a_report(scored_copy_path, tmp_path, capsys):
+    from conftest import run_cli
+
+    ws = Workspace.open(scored_copy_path)
+    log_stream(ws, shifted(60, 60, 2.5), station="cam-1")
+    capsys.readouterr()
+    assert run_cli("monitor", scored_copy_path, "--report", tmp_path / "r", "--station", "cam-1",
+                   "--arl0", "1000") == 0
+    out = capsys.readouterr().out
+    assert "120 served images, 1 alarm(s) in the window (1 new)" in out and "drift up" in out
+    assert (tmp_path / "r" / "ewma.png").exists()
+    assert run_cli("monitor", scored_copy_path, "--report", tmp_path / "r", "--lam", "0") == 2
+    assert "EWMA weight" in capsys.readouterr().err
+
+
+def test_send_to_labeling_puts_a_logged_image_first_in_the_queue(scored_copy_path):
+    ws = Workspace.open(scored_copy_path)
+    ids = log_stream(ws, shifted(5, 0, 0.0), pngs=True)
+    text = monitor.send_to_labeling(ws, ids[3])
+    assert "first in round 0's labeling queue (added)" in text
+    queue = sorted(pq.read_table(ws.round_dir(0) / "scores.parquet").to_pylist(), key=lambda r: r["rank"])
+    assert queue[0]["id"] == ids[3] and len({r["id"] for r in queue}) == len(queue)
+    assert "already first" in monitor.send_to_labeling(ws, ids[3])
+    assert monitor.logged_image(ws, ids[3]) == png(zlib.crc32(f"cam-10{T0}".encode()) % 10**6 + 3)
+    placeholder = log_stream(ws, shifted(1, 0, 0.0), start=T0 + timedelta(hours=1))
+    with pytest.raises(ValueError, match="cannot join the pool"):
+        monitor.send_to_labeling(ws, placeholder[0])

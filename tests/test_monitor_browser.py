@@ -1,0 +1,58 @@
+"""The line monitor page in a real browser: `aae-ray monitor` on loopback, Debian's Chromium driven by Playwright.
+
+A planted shift in the log must show as a drift alarm on the page, and its button must put the alarm's image at
+the top of the labeling queue on disk.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import label_server
+from test_labeling_browser import TIMEOUT_MS, browser
+from test_monitor import log_stream, shifted
+
+from aae_ray import monitor
+from aae_ray.workspace import Workspace
+
+sync_api = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def playwright():
+    with sync_api.sync_playwright() as p:
+        yield p
+
+
+def test_the_page_shows_a_planted_shift_and_sends_its_image_to_labeling(scored_copy_path, tmp_path, playwright):
+    ws = Workspace.open(scored_copy_path)
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    ids = log_stream(ws, shifted(150, 100, 2.0), station="cam-7", start=start, step=timedelta(seconds=2),
+                     pngs=True)
+    # in-control ARL 5000 images: a false alarm among the 150 before the shift is unlikely (3%), none with this seed
+    with label_server(scored_copy_path, tmp_path / "monitor.log", True, "monitor", "--arl0", "5000") as url:
+        ctx = browser(playwright)
+        try:
+            page = ctx.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            expect, wait = sync_api.expect, {"timeout": TIMEOUT_MS}
+            expect(page.get_by_text("Latest alarms")).to_be_visible(**wait)
+            expect(page.get_by_text(re.compile(r"station cam-7 round 0: drift up")).first).to_be_visible(**wait)
+            metric = page.locator('[data-testid="stMetric"]', has_text="Drift alarms")
+            expect(metric).to_contain_text("1", **wait)
+            expect(page.locator('[data-testid="stImage"]').first).to_be_visible(**wait)  # the charts
+            page.get_by_role("button", name="Send to labeling").first.click()
+            expect(page.get_by_text(re.compile(r"first in round 0's labeling queue"))).to_be_visible(**wait)
+        finally:
+            ctx.close()
+    (alarm,) = [a for a in monitor.read_alarms(ws) if a["kind"] == "drift"]
+    assert ids.index(alarm["image_id"]) >= 150  # raised by the shift, not before it
+    rows = sorted(pq.read_table(ws.round_dir(0) / "scores.parquet").to_pylist(), key=lambda r: r["rank"])
+    assert rows[0]["id"] == alarm["image_id"]
+    pool = ws.images().to_pylist()
+    assert [r["source"] for r in pool if r["id"] == alarm["image_id"]] == ["line:cam-7"]
