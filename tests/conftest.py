@@ -149,7 +149,7 @@ def listening_on(port: int) -> list[str]:
 
 
 @contextmanager
-def label_server(ws: Path, log_path: Path, stop: bool = True, command: str = "label", *extra: str) -> Iterator:
+def page_server(ws: Path, log_path: Path, stop: bool = True, command: str = "label", *extra: str) -> Iterator:
     """`aae-ray label WS` (or `command`: monitor) as a real Streamlit server on a free loopback port; yields its
     URL once healthy, or (URL, process) with `stop=False` for a test that stops it itself (what is left is still
     killed)."""

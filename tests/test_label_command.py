@@ -8,12 +8,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import label_server, listening_on, run_cli
+from conftest import listening_on, page_server, run_cli
 
 
 @pytest.mark.slow
 def test_label_serves_the_page_on_loopback(scored_ws, tmp_path):
-    with label_server(scored_ws, tmp_path / "label.log") as url:
+    with page_server(scored_ws, tmp_path / "label.log") as url:
         with urllib.request.urlopen(f"{url}/", timeout=5) as r:
             assert r.status == 200 and b"<html" in r.read().lower()
         assert listening_on(int(url.rsplit(":", 1)[1])) == ["127.0.0.1"]
@@ -28,7 +28,7 @@ def test_label_on_a_folder_that_is_not_a_workspace_is_one_error_line(tmp_path, c
 def test_sigterm_to_aae_ray_label_alone_stops_streamlit_too(scored_ws, tmp_path):
     """A `kill` of the command's own process (not its group, as a terminal's Ctrl-C would reach): it passes the
     signal on, says it stopped, and leaves no Streamlit process behind holding the port."""
-    with label_server(scored_ws, tmp_path / "label.log", stop=False) as (url, proc):
+    with page_server(scored_ws, tmp_path / "label.log", stop=False) as (url, proc):
         streamlit = children(proc.pid)
         assert streamlit, "aae-ray label runs Streamlit in a child process"
         proc.send_signal(signal.SIGTERM)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_SET, label_server, run_cli
+from conftest import TINY_SET, page_server, run_cli
 from test_ingest import log_line
 
 from aae_ray import importing, labels, rounds
@@ -98,7 +98,7 @@ def events_on_disk(ws: Path) -> list[tuple[str, str, str]]:
 
 def test_defect_normal_and_undo_by_key_presses_are_exactly_the_events_on_disk(lab_ws, tmp_path, playwright):
     first, second = queue_ids(lab_ws)[:2]
-    with label_server(lab_ws, tmp_path / "label.log") as url:
+    with page_server(lab_ws, tmp_path / "label.log") as url:
         ctx = browser(playwright)
         try:
             page = open_page(ctx, url, "ann")
@@ -116,7 +116,7 @@ def test_defect_normal_and_undo_by_key_presses_are_exactly_the_events_on_disk(la
 
 
 def test_the_name_is_remembered_in_the_address_across_a_reload(lab_ws, tmp_path, playwright):
-    with label_server(lab_ws, tmp_path / "label.log") as url:
+    with page_server(lab_ws, tmp_path / "label.log") as url:
         ctx = browser(playwright)
         try:
             page = open_page(ctx, url, "bob")
@@ -150,7 +150,7 @@ def label_by_keys(url: str, name: str, keys: str, confirmed: list, errors: list)
 
 def test_two_labelers_at_once_lose_nothing_and_see_each_others_answers_drop_out(lab_ws, tmp_path, playwright):
     keys = {"ann": "dndsn", "bob": "nddnd"}
-    with label_server(lab_ws, tmp_path / "label.log") as url:
+    with page_server(lab_ws, tmp_path / "label.log") as url:
         confirmed: dict[str, list[tuple[str, str]]] = {name: [] for name in keys}
         errors: list[BaseException] = []
         threads = [threading.Thread(target=label_by_keys, args=(url, name, k, confirmed[name], errors))
@@ -178,7 +178,7 @@ def test_the_first_key_after_the_name_labels(lab_ws, tmp_path, playwright):
     """Typing the name and Enter leaves the focus in the name box; the page takes it off, so the labeler's
     first key press is a label, not a letter added to their name."""
     first = queue_ids(lab_ws)[0]
-    with label_server(lab_ws, tmp_path / "label.log") as url:
+    with page_server(lab_ws, tmp_path / "label.log") as url:
         ctx = browser(playwright)
         try:
             page = ctx.new_page()
@@ -206,7 +206,7 @@ def test_the_card_shows_the_image_at_its_own_resolution_and_no_developer_toolbar
     assert run_cli("init", ws, "--source", "synthetic", "--n-normal", "60", "--n-defect", "12", "--size", "128") == 0
     assert run_cli("train", ws, "--epochs", "1", *TINY_SET, "--no-progress") == 0
     assert run_cli("score", ws) == 0
-    with label_server(ws, tmp_path / "label.log") as url:
+    with page_server(ws, tmp_path / "label.log") as url:
         ctx = browser(playwright)
         try:
             page = open_page(ctx, url, "ann")
@@ -227,7 +227,7 @@ def test_a_line_image_sent_to_labeling_is_the_first_card_and_says_from_the_line(
     sent = content_id(log_line(ws, 1, flagged={0}, at=datetime.now(UTC), station="cam-7")[0])
     importing.line(lab_ws, ids=[sent], echo=lambda _: None)
     rounds.enqueue(ws, [sent])
-    with label_server(lab_ws, tmp_path / "label.log") as url:
+    with page_server(lab_ws, tmp_path / "label.log") as url:
         ctx = browser(playwright)
         try:
             page = open_page(ctx, url, "ann")

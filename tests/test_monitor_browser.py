@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import label_server
+from conftest import page_server
 from test_labeling_browser import TIMEOUT_MS, browser
 from test_monitor import log_stream, shifted
 
@@ -34,7 +34,7 @@ def test_the_page_shows_a_planted_shift_and_sends_its_image_to_labeling(scored_c
     ids = log_stream(ws, shifted(150, 100, 2.0), station="cam-7", start=start, step=timedelta(seconds=2),
                      pngs=True)
     # in-control ARL 5000 images: a false alarm among the 150 before the shift is unlikely (3%), none with this seed
-    with label_server(scored_copy_path, tmp_path / "monitor.log", True, "monitor", "--arl0", "5000") as url:
+    with page_server(scored_copy_path, tmp_path / "monitor.log", True, "monitor", "--arl0", "5000") as url:
         ctx = browser(playwright)
         try:
             page = ctx.new_page()
