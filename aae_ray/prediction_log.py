@@ -5,8 +5,11 @@ Writing
     request path). A background thread writes the buffer as one Parquet *fragment* every `flush_interval_s`, or
     sooner once `max_rows` wait; `close` writes what is left. A fragment is written by `aae_ray.atomic` (temporary
     file, fsync, rename), so a reader sees it whole or not at all, and a replica killed with SIGKILL loses only
-    the rows of its unwritten buffer: at most one flush interval's worth. A write that fails (a full disk) is
-    logged, its rows are kept for the next try up to `max_pending` rows, and the request never sees it.
+    the rows not yet written: those of the last flush interval, plus, if the kill lands during a write, the rows
+    of that write (writes start on a fixed cadence, so a slow write does not stretch the interval). A kill's
+    half-written temporary file is hidden from readers and deleted by the next compaction. A write that fails (a
+    full disk) is logged, its rows are kept for the next try up to `max_pending` rows, and the request never sees
+    it.
 
 Files
     `f-<hour>-<write time>-<pid>-<random>.parquet`: a fragment, named by the hour (UTC) it was written in.
@@ -21,6 +24,7 @@ the image's content id, the one a folder import gives the same bytes, so logged 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -143,9 +147,13 @@ class PredictionLog:
     def start(self) -> PredictionLog:
         def loop() -> None:
             compacted = 0.0
+            due = time.monotonic() + self.settings.flush_interval_s
             while not self._stop.is_set():
-                self._wake.wait(self.settings.flush_interval_s)
+                # A write starts every interval (not an interval after the last one ended), so what a kill
+                # can lose is the interval's rows plus those of one write, however slow the disk.
+                self._wake.wait(max(0.0, due - time.monotonic()))
                 self._wake.clear()
+                due = time.monotonic() + self.settings.flush_interval_s
                 self.flush()
                 if time.monotonic() - compacted > COMPACT_EVERY_S:
                     compacted = time.monotonic()
@@ -226,6 +234,10 @@ def compact(folder: Path, *, now: datetime | None = None) -> int:
     _, live, superseded = _files(folder)
     for p in superseded:  # left by a compaction killed between its hour file and its deletions
         p.unlink(missing_ok=True)
+    for p in folder.glob(".*.tmp"):  # a writer killed mid-write (aae_ray.atomic); none takes minutes to write
+        with contextlib.suppress(OSError):
+            if p.stat().st_mtime < cutoff.timestamp():
+                p.unlink()
     merged = 0
     by_hour: dict[str, list[Path]] = {}
     for p in live:

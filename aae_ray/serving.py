@@ -62,8 +62,8 @@ class ServeSettings(BaseModel):
     log_images: Literal["flagged", "all", "none"] = "flagged"
     log_sample: float = Field(0.0, ge=0, le=1)
     log_flush_interval_s: float = Field(1.0, gt=0, le=3600)
-    # Drift alarms (aae_ray.monitor): each replica checks the log this often and records new alarms in
-    # WS/alarms/; GET /health shows them. 0: never (the monitor page and `aae-ray monitor --report` still do).
+    # Drift alarms (aae_ray.monitor): the replicas check the log this often (one of them an interval) and record
+    # new alarms in WS/alarms/; GET /health shows them. 0: never (the monitor page and --report still do).
     alarm_check_s: float = Field(30.0, ge=0, le=86400)
 
     @field_validator("workspace")
@@ -201,7 +201,7 @@ class ScoringService:
     def check_alarms(self) -> None:
         """Record the log's new drift alarms (aae_ray.monitor); a failure is logged, never raised."""
         try:
-            for alarm in monitor.check_alarms(self.ws):
+            for alarm in monitor.check_alarms_if_due(self.ws, self.cfg.alarm_check_s):
                 log.warning("alarm: %s", monitor.describe_alarm(alarm))
         except Exception as exc:  # a damaged log must not stop the watcher that reloads promoted models
             log.error("cannot check the prediction log for alarms: %s: %s", type(exc).__name__, exc)

@@ -196,3 +196,22 @@ def test_send_to_labeling_puts_a_logged_image_first_in_the_queue(scored_copy_pat
     placeholder = log_stream(ws, shifted(1, 0, 0.0), start=T0 + timedelta(hours=1))
     with pytest.raises(ValueError, match="cannot join the pool"):
         monitor.send_to_labeling(ws, placeholder[0])
+
+
+def test_replicas_check_at_most_once_an_interval_and_only_when_the_log_grew(scored_copy_path, monkeypatch):
+    import os
+
+    ws = Workspace.open(scored_copy_path)
+    log_stream(ws, shifted(50, 100, 2.5), station="cam-1")
+    checks = []
+    real = monitor.check_alarms
+    monkeypatch.setattr(monitor, "check_alarms", lambda *a, **k: checks.append(1) or real(*a, **k))
+    assert monitor.check_alarms_if_due(ws, 30) and len(checks) == 1
+    assert monitor.check_alarms_if_due(ws, 30) == [] and len(checks) == 1  # a second replica, same interval
+    stamp = ws.alarms_dir / monitor.CHECKED
+    os.utime(stamp, (stamp.stat().st_mtime - 60,) * 2)
+    monitor.check_alarms_if_due(ws, 30)
+    assert len(checks) == 1  # due, but nothing new in the log
+    log_stream(ws, shifted(20, 0, 0.0), station="cam-2", start=T0 + timedelta(hours=1))
+    monitor.check_alarms_if_due(ws, 30)
+    assert len(checks) == 2

@@ -3,6 +3,7 @@ by the hour without losing or doubling a row, and a kill costs at most the unwri
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -170,3 +171,35 @@ def test_a_running_log_compacts_the_ended_hours_itself(tmp_path):
     log.close()
     assert len(list(tmp_path.glob("h-*.parquet"))) == 2 and not list(tmp_path.glob("f-*.parquet"))
     assert read_predictions(tmp_path).num_rows == total
+
+
+def test_a_slow_disk_does_not_stretch_the_flush_interval(tmp_path, monkeypatch):
+    """Writes start every interval: with a write taking most of an interval, they still come one an interval."""
+    starts: list[float] = []
+    real = plog.write_fragment
+
+    def slow(folder, rows, **kw):
+        starts.append(time.monotonic())
+        time.sleep(0.15)
+        return real(folder, rows, **kw)
+
+    monkeypatch.setattr(plog, "write_fragment", slow)
+    log = PredictionLog(tmp_path, LogSettings(flush_interval_s=0.2)).start()
+    for _ in range(12):
+        log.record(*answers(1), round_no=0, model="m")
+        time.sleep(0.1)
+    log.close()
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)][:-1]  # the last: close's own write
+    assert len(gaps) >= 3 and max(gaps) < 0.3  # not 0.2 + 0.15
+
+
+def test_compaction_deletes_the_temporary_files_of_killed_writers(tmp_path):
+    now = datetime(2026, 12, 2, 14, 30, tzinfo=UTC)
+    old, fresh = tmp_path / ".f-20261202T13-x.parquet.1.ab.tmp", tmp_path / ".f-20261202T14-y.parquet.1.cd.tmp"
+    for p, age in ((old, timedelta(minutes=30)), (fresh, timedelta(seconds=10))):
+        p.write_bytes(b"PAR1 half a file")
+        t = (now - age).timestamp()
+        os.utime(p, (t, t))
+    assert read_predictions(tmp_path).num_rows == 0  # readers never see them
+    compact(tmp_path, now=now)
+    assert not old.exists() and fresh.exists()  # a write under way now is left alone
