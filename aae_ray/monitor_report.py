@@ -9,6 +9,9 @@ How to read them:
   standard deviation), with the limits designed for the stated in-control run length; a red mark is a drift alarm.
 - *rate*: images over the limit per hour against alpha's expectation and its binomial band; a bar above the band
   is more defects (or false alarms) than the limit allows.
+
+Object-oriented matplotlib (a `Figure`, no pyplot): Streamlit runs each session in its own thread, and pyplot's
+global state is not safe across threads.
 """
 
 from __future__ import annotations
@@ -19,15 +22,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display on a line box or a CI machine
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from aae_ray import monitor  # noqa: E402
-from aae_ray.atomic import write_text  # noqa: E402
-from aae_ray.workspace import Workspace  # noqa: E402
+from aae_ray import monitor
+from aae_ray.atomic import write_text
+from aae_ray.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,9 @@ def _times(s: monitor.Stream) -> np.ndarray:
     return s.ts.astype("datetime64[ms]").astype(datetime)
 
 
-def score_figure(v: View) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(10, 3.2), constrained_layout=True)
+def score_figure(v: View) -> Figure:
+    fig = Figure(figsize=(10, 3.2), layout="constrained")
+    ax = fig.subplots()
     for name, s in v.streams.items():
         t = _times(s)
         ax.scatter(t[~s.anomaly], s.score[~s.anomaly], s=6, label=name)
@@ -72,8 +73,9 @@ def score_figure(v: View) -> plt.Figure:
     return fig
 
 
-def ewma_figure(v: View) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(10, 3.2), constrained_layout=True)
+def ewma_figure(v: View) -> Figure:
+    fig = Figure(figsize=(10, 3.2), layout="constrained")
+    ax = fig.subplots()
     limit = v.chart.design.limit
     for name, s in v.streams.items():
         ax.plot(_times(s), s.ewma, lw=1, label=name)
@@ -91,8 +93,9 @@ def ewma_figure(v: View) -> plt.Figure:
     return fig
 
 
-def rate_figure(v: View) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(10, 2.8), constrained_layout=True)
+def rate_figure(v: View) -> Figure:
+    fig = Figure(figsize=(10, 2.8), layout="constrained")
+    ax = fig.subplots()
     rows = hourly(v)
     if rows:
         x = np.arange(len(rows))
@@ -149,9 +152,7 @@ def write_report(ws: Workspace, out: Path, settings: monitor.MonitorSettings | N
     v = view(ws, settings, **window)
     out.mkdir(parents=True, exist_ok=True)
     for name, draw in (("score", score_figure), ("ewma", ewma_figure), ("rate", rate_figure)):
-        fig = draw(v)
-        fig.savefig(out / f"{name}.png", dpi=110)
-        plt.close(fig)
+        draw(v).savefig(out / f"{name}.png", dpi=110)
     data = numbers(v) | {"workspace": str(ws.root), "written_at": datetime.now(UTC).isoformat(),
                          "new_alarms": len(new)}
     write_text(out / "monitor.json", json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")

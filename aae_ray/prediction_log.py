@@ -4,9 +4,9 @@ Writing
     A replica's `PredictionLog.record` only appends rows to a buffer in memory (a lock and a list: no I/O on the
     request path). A background thread writes the buffer as one Parquet *fragment* every `flush_interval_s`, or
     sooner once `max_rows` wait; `close` writes what is left. A fragment is written by `aae_ray.atomic` (temporary
-    file, fsync, rename), so a reader sees it whole or not at all, and a replica killed with SIGKILL loses only
-    the rows not yet written: those of the last flush interval, plus, if the kill lands during a write, the rows
-    of that write (writes start on a fixed cadence, so a slow write does not stretch the interval). A kill's
+    file, fsync, rename), so a reader sees it whole or not at all. Writes are timed so that every recorded row is
+    on disk `flush_interval_s` after it was recorded (a write takes its rows early by the time the previous write
+    took), so a replica killed with SIGKILL loses at most the rows of its last flush interval. A kill's
     half-written temporary file is hidden from readers and deleted by the next compaction. A write that fails (a
     full disk) is logged, its rows are kept for the next try up to `max_pending` rows, and the request never sees
     it.
@@ -146,15 +146,17 @@ class PredictionLog:
 
     def start(self) -> PredictionLog:
         def loop() -> None:
-            compacted = 0.0
-            due = time.monotonic() + self.settings.flush_interval_s
+            compacted, interval = 0.0, self.settings.flush_interval_s
+            due = time.monotonic() + interval
             while not self._stop.is_set():
-                # A write starts every interval (not an interval after the last one ended), so what a kill
-                # can lose is the interval's rows plus those of one write, however slow the disk.
                 self._wake.wait(max(0.0, due - time.monotonic()))
                 self._wake.clear()
-                due = time.monotonic() + self.settings.flush_interval_s
+                taken = time.monotonic()  # the rows recorded up to now go into this write
                 self.flush()
+                # The next write takes its rows early by what this one took, so it is on disk an interval after
+                # this one took its rows: no recorded row waits longer than the interval, and a kill loses at
+                # most the last interval's rows, however slow the disk.
+                due = taken + interval - (time.monotonic() - taken)
                 if time.monotonic() - compacted > COMPACT_EVERY_S:
                     compacted = time.monotonic()
                     try:

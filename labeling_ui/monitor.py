@@ -14,7 +14,6 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import streamlit as st
 
 from aae_ray import artifacts, monitor, monitor_report
@@ -58,9 +57,7 @@ def main() -> None:
         st.warning(f"{len(new)} new alarm(s): " + "; ".join(monitor.describe_alarm(a) for a in new[:3]))
     headline(v)
     for draw in (monitor_report.score_figure, monitor_report.ewma_figure, monitor_report.rate_figure):
-        fig = draw(v)
-        st.pyplot(fig)
-        plt.close(fig)
+        st.pyplot(draw(v))
     with st.expander("Images over the limit per hour"):
         st.dataframe(monitor_report.hourly(v), hide_index=True)
     alarms_panel(ws, v)
