@@ -488,6 +488,7 @@ def main() -> int:
                 continue
             doc[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     doc["targets"] = targets(doc)
+    doc.update(headline(doc))
     doc[f"seconds_{'_'.join(parts)}"] = round(time.perf_counter() - t_start)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "line.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -496,6 +497,16 @@ def main() -> int:
     print(markdown(ok))
     say(f"wrote {args.out / 'line.md'} and line.json in {time.perf_counter() - t_start:.0f} s")
     return 1 if failed else 0
+
+
+def headline(doc: dict) -> dict:
+    """The issue's named figures at the top level of line.json (the parts hold the detail)."""
+    out = {}
+    for key, part in (("lost_rows", "load"), ("lost_rows_after_kill", "kill"), ("flush_interval_s", "kill"),
+                      ("throughput_ratio", "throughput")):
+        if key in doc.get(part, {}):
+            out[key] = doc[part][key]
+    return out
 
 
 def targets(doc: dict) -> dict:
