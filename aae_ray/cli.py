@@ -126,6 +126,12 @@ def _people_commands(sub: argparse._SubParsersAction) -> None:
 
 def _round_commands(sub: argparse._SubParsersAction) -> None:
     """Rounds, and the commands that read or re-set the promoted model."""
+    exp = sub.add_parser("export", help="the model as one ONNX graph (T2 inside) and a JSON, for aae-ray-edge")
+    exp.add_argument("workspace", type=Path)
+    exp.add_argument("--round", type=int, help="which round's model (default: the promoted one)")
+    exp.add_argument("--format", choices=["onnx"], default="onnx")
+    exp.add_argument("--out", type=Path, help="folder to write (default: WS/exports/rNNN-onnx)")
+
     rnd = sub.add_parser("round", help="labels -> tune -> compare -> promote if better -> new queue")
     rnd.add_argument("workspace", type=Path)
     _search_arguments(rnd)

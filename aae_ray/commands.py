@@ -86,6 +86,19 @@ def recalibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    """The model as one ONNX graph with its JSON (aae_ray.export), checked against the model first."""
+    from aae_ray.export import export_workspace
+
+    out = export_workspace(Workspace.open(args.workspace), round_no=args.round, out=args.out)
+    worst = max(out.max_rel_diff.values())
+    print(f"exported {out.folder / 'model.onnx'} and model.json; ONNX Runtime matches the model on "
+          f"{out.n_checked} workspace images (largest relative difference {worst:.1e}: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in out.max_rel_diff.items()) + ")")
+    print(f"score images on a line box: aae-ray-edge {out.folder} IMAGE...")
+    return 0
+
+
 def tune(args: argparse.Namespace) -> int:
     from aae_ray.tuning.runner import experiment_dir, next_round, resumed_round, run_tune
 

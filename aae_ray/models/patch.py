@@ -55,10 +55,10 @@ class PatchGaussian(FamilyModel):
         """(B, 1, S, S) -> (B, k * k, h, w): the patch at every position, pixels as channels."""
         k, s = self.cfg.patch_size, self.cfg.patch_stride
         side = (x.shape[-1] - k) // s + 1
-        return F.unfold(x, k, stride=s).view(len(x), k * k, side, side)
+        return F.unfold(x, k, stride=s).view(-1, k * k, side, side)  # -1, not len(x): an ONNX batch is free
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.codes(x), self.mean_image.expand(len(x), -1, -1, -1)
+        return self.codes(x), self.mean_image.expand_as(x)
 
     def inference(self, x: torch.Tensor) -> Inference:
         z, x_hat = self(x)
