@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv system-deps demo test test-fast lint bench-local bench-fmnist bench-fmnist-methods bench-speed bench-tune bench-active-learning bench-serve bench-line bench-gpu fmnist-data clean
+.PHONY: venv system-deps demo test test-fast lint bench-local bench-fmnist bench-fmnist-methods bench-speed bench-tune bench-active-learning bench-serve bench-line bench-edge bench-gpu fmnist-data clean
 
 # (Re)install when the package metadata or the pins change. torch is pinned to the CPU wheel through
 # constraints.txt: unpinned, pip would pull a multi-GB CUDA build.
@@ -77,6 +77,9 @@ bench-serve: venv
 # logging costs the throughput (about 4 minutes on 2 cores).
 bench-line: venv
 	$(BIN)/python bench/line.py
+
+bench-edge: venv fmnist-data
+	$(BIN)/python bench/edge.py
 
 bench-speed: venv fmnist-data
 	$(BIN)/python bench/speed.py
