@@ -88,7 +88,7 @@ def part_speed(tmp: Path, repeats: int) -> dict:
     for size in (32, 64):
         ws_dir = workspace(tmp, f"speed{size}", "--source", "synthetic", "--n-normal", "400", "--n-defect", "20",
                            "--size", str(size))
-        cli("train", ws_dir, "--epochs", "1", "--no-progress")
+        cli("train", ws_dir, "--epochs", "1", "--no-progress", "--set", f"input_size={size}")
         ws = Workspace.open(ws_dir)
         folder = export_workspace(ws, out=tmp / f"speed{size}-onnx").folder
         det = artifacts.load(ws.current_model_dir())
