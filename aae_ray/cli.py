@@ -78,8 +78,9 @@ def _model_commands(sub: argparse._SubParsersAction) -> None:
     score = sub.add_parser("score", help="score the pool with the promoted model; write the queue")
     score.add_argument("workspace", type=Path)
     _policy_argument(score)
-    score.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
-                       help="ray: Ray Data actors (large pools); local: this process; auto: by the pool's size")
+    score.add_argument("--engine", choices=["auto", "local", "ray", "onnx"], default="auto",
+                       help="ray: Ray Data actors (large pools); local: this process; onnx: this process on ONNX "
+                            "Runtime (the round's export, made on first use); auto: by the pool's size")
     score.add_argument("--gpus", type=float, default=0.0, help="GPUs per Ray Data actor (with --engine ray)")
     score.add_argument("--address", help="score on this Ray cluster with Ray Data, which --engine auto then picks "
                                          "(every node must see the workspace)")
@@ -122,6 +123,8 @@ def _people_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--log-sample", type=float, default=0.0, metavar="F",
                      help="also keep the bytes of this share of the other images (default 0)")
     srv.add_argument("--no-log", action="store_true", help="log nothing to WS/predictions/")
+    srv.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                     help="score with torch, or the round's export in ONNX Runtime (CPU; made on first use)")
 
 
 def _round_commands(sub: argparse._SubParsersAction) -> None:

@@ -95,7 +95,7 @@ class Detector:
         same architecture whose weights training starts from (a warm start: `aae-ray round`'s fine-tuned
         candidate)."""
         cfg = self.config
-        X = _check_images(X, cfg.input_size)
+        X = check_images(X, cfg.input_size)
         y = np.zeros(len(X), dtype=np.int8) if y is None else np.asarray(y)
         known = np.ones(len(X), dtype=bool) if known is None else np.asarray(known, dtype=bool)
         for name, a in (("y", y), ("known", known)):
@@ -141,7 +141,7 @@ class Detector:
         self.calibration_idx_ = cal_idx  # into X: the known normals held out of training for the limit
         heldout = X[cal_idx]
         if X_calibration is not None and len(X_calibration):
-            heldout = np.concatenate([heldout, _check_images(X_calibration, cfg.input_size)])
+            heldout = np.concatenate([heldout, check_images(X_calibration, cfg.input_size)])
         auto = cfg.t2_trim == "auto"
         self.fit_statistics(X[train_idx], heldout, trim=0.0 if auto else cfg.t2_trim, known=known[train_idx])
         self.contamination_ = None
@@ -249,7 +249,7 @@ class Detector:
         other.primary_ = _primary(other.config, other.model_)
         y = np.zeros(len(X), dtype=np.int8) if y is None else np.asarray(y)
         known = np.ones(len(X), dtype=bool) if known is None else np.asarray(known, dtype=bool)
-        return other._fit_all_statistics(_check_images(X, other.config.input_size), y, known, X_calibration)
+        return other._fit_all_statistics(check_images(X, other.config.input_size), y, known, X_calibration)
 
     def calibrate(self, X_known_normal: np.ndarray) -> Detector:
         """Re-set the primary score's limit and p-values from these normals, known to be good and never trained
@@ -258,7 +258,7 @@ class Detector:
         cfg, hot = self.config, self.hotelling_
         if cfg.threshold == "f_ucl" and self.primary_ == "global":
             return self  # asked for the F limit: no normals change it
-        X = _check_images(X_known_normal, cfg.input_size)
+        X = check_images(X_known_normal, cfg.input_size)
         held = self.score(X, maps=False).score if len(X) else None
         n_held = 0 if held is None else len(held)
         if n_held >= needed_for_rank(cfg.alpha):
@@ -336,7 +336,7 @@ class Detector:
 
     def _forward(self, X: np.ndarray, *, maps: bool = False, features: bool = False) -> _Raw:
         """`features`: keep the local feature maps instead of scoring them (fitting: no statistics yet)."""
-        X = _check_images(X, self.config.input_size)
+        X = check_images(X, self.config.input_size)
         local = None if features else self.local_
         use_local_map = local is not None and self.config.anomaly_map == "local"
         parts: dict[str, list[np.ndarray]] = {}
@@ -385,7 +385,7 @@ class Detector:
         return parts[self.primary_]
 
     def _run(self, X: np.ndarray, fn) -> np.ndarray:
-        X = _check_images(X, self.config.input_size)
+        X = check_images(X, self.config.input_size)
         device = _device(self.model_)
         model = place(self.model_, device).eval()
         with torch.no_grad():
@@ -417,7 +417,7 @@ def _device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_images(X: np.ndarray, size: int) -> np.ndarray:
+def check_images(X: np.ndarray, size: int) -> np.ndarray:
     X = np.asarray(X)
     if X.ndim != 4 or X.shape[1:] != (1, size, size):
         raise ValueError(f"expected images of shape (N, 1, {size}, {size}), got {X.shape}")

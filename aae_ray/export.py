@@ -1,7 +1,8 @@
 """ONNX export (`aae-ray export`): one graph a model that takes a batch of preprocessed images and returns every
 score the model gives, Hotelling's T2 computed inside the graph, plus a JSON of what a scorer needs beside it.
 
-    model.onnx   images float32 (N, 1, S, S) in [0, 1] -> score, t2, t2_local, recon_error (N,), map (N, S, S)
+    model.onnx   images float32 (N, 1, S, S) in [0, 1] -> score, t2, t2_local, recon_error (N,), map (N, S, S),
+                 codes (N, p)
     model.json   the preprocessing, the primary score, the threshold, alpha, the calibration scores behind the
                  p-values (or the F law's degrees of freedom), the model's round, family and data fingerprint
 
@@ -33,7 +34,7 @@ from aae_ray import artifacts
 from aae_ray.detector import Detector
 from aae_ray.scoring import LocalHotelling
 
-OUTPUTS = ("score", "t2", "t2_local", "recon_error", "map")
+OUTPUTS = ("score", "t2", "t2_local", "recon_error", "map", "codes")  # codes: the diverse queue's latent
 OPSET = 18  # col2im (the patch family's fold) needs 18
 FORMAT_VERSION = 1
 
@@ -88,7 +89,7 @@ class ScoringGraph(nn.Module):
             score = torch.maximum(t2 / self.scales["global"], t2_local / self.scales["local"])
         elif self.primary == "native":
             score = out.score
-        return score, t2, t2_local, recon, amap
+        return score, t2, t2_local, recon, amap, out.codes
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class Exported:
     n_checked: int
 
 
-def sidecar(det: Detector, metrics: dict[str, Any]) -> dict[str, Any]:
+def sidecar(det: Detector, metrics: dict[str, Any], model_dir: Path) -> dict[str, Any]:
     """model.json: everything a scorer needs besides the graph."""
     lim = det.limit_
     return {"format": FORMAT_VERSION, "family": det.config.family, "round": metrics.get("round"),
@@ -107,7 +108,22 @@ def sidecar(det: Detector, metrics: dict[str, Any]) -> dict[str, Any]:
                               "scale": "1/255"},
             "primary": det.primary_, "threshold": lim.threshold, "alpha": lim.alpha, "threshold_basis": lim.method,
             "calibration": lim.calibration.tolist(), "f_dof": None if lim.f_dof is None else list(lim.f_dof),
-            "map_label": det.map_label, "score_label": det.score_label}
+            "map_label": det.map_label, "score_label": det.score_label, "artifact": artifact_digest(model_dir)}
+
+
+ARTIFACT_FILES = ("weights.safetensors", "t2.json", "score.json", "local.safetensors")
+
+
+def artifact_digest(model_dir: Path) -> str:
+    """What the export was made from: a recalibration (score.json) or a new model makes it stale."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name in ARTIFACT_FILES:
+        path = Path(model_dir) / name
+        if path.exists():
+            h.update(name.encode() + path.read_bytes())
+    return h.hexdigest()
 
 
 def export_onnx(model_dir: Path, out: Path, X_check: np.ndarray, *, rtol: float = 1e-4) -> Exported:
@@ -128,11 +144,13 @@ def export_onnx(model_dir: Path, out: Path, X_check: np.ndarray, *, rtol: float 
                                                                     **{o: {0: "batch"} for o in OUTPUTS}})
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
         diffs = compare(det, path, X_check)
-        worst = {k: v for k, v in diffs.items() if v > rtol}
+        # The codes are not gated: near zero, their float32 rounding is large relative to themselves, and what
+        # they feed (T2, the diverse queue's distances) is checked through t2.
+        worst = {k: v for k, v in diffs.items() if v > rtol and k != "codes"}
         if worst:
             raise ExportError(f"the ONNX graph does not score like the model (relative differences {worst} over "
                               f"{rtol:g}); nothing written")
-        (tmp / "model.json").write_text(json.dumps(sidecar(det, artifacts.read_metrics(model_dir)), indent=1,
+        (tmp / "model.json").write_text(json.dumps(sidecar(det, artifacts.read_metrics(model_dir), model_dir), indent=1,
                                                    allow_nan=False) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -149,7 +167,8 @@ def compare(det: Detector, onnx_path: Path, X: np.ndarray) -> dict[str, float]:
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = dict(zip(OUTPUTS, session.run(None, {"images": np.ascontiguousarray(X, dtype=np.float32)}), strict=True))
     s = det.score(X, maps=True)
-    want = {"score": s.score, "t2": s.t2, "t2_local": s.t2_local, "recon_error": s.recon_error, "map": s.maps}
+    want = {"score": s.score, "t2": s.t2, "t2_local": s.t2_local, "recon_error": s.recon_error, "map": s.maps,
+            "codes": s.codes}
     return {k: rel_diff(got[k], want[k]) for k in OUTPUTS}
 
 
@@ -184,3 +203,21 @@ def export_workspace(ws, *, round_no: int | None = None, out: Path | None = None
     if not len(X):
         raise ExportError(f"{ws.root} has no test or pool images to check the export on")
     return export_onnx(model_dir, out or ws.root / "exports" / f"r{round_no:03d}-onnx", X, rtol=rtol)
+
+
+def ensure_export(ws, round_no: int) -> Path:
+    """The round's export (WS/exports/rNNN-onnx), made now if missing or older than the artifact: what
+    `--engine onnx` scores with. A file lock keeps replicas that start together from exporting twice."""
+    import fcntl
+
+    out = ws.root / "exports" / f"r{round_no:03d}-onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            current = json.loads((out / "model.json").read_text()).get("artifact")
+        except (OSError, ValueError):
+            current = None
+        if current != artifact_digest(ws.model_dir(round_no)):
+            export_workspace(ws, round_no=round_no, out=out)
+    return out

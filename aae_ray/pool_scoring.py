@@ -51,13 +51,19 @@ def score_pool(ws: Workspace, *, round_no: int | None = None, policy: str = "hig
     `rounds/rNNN/scores.parquet` (the given round's, else the promoted model's). The policy orders the queue
     (aae_ray.queue): highest T2 first, diverse in latent space, or closest to the threshold. `engine`: "local"
     (this process), "ray" (Ray Data, aae_ray.pool_scoring; same scores, on the cluster at `address` if given),
-    or "auto" (Ray with an `address` or above RAY_POOL_BYTES, else this process)."""
-    if engine not in ("auto", "local", "ray"):
-        raise ValueError(f"engine must be auto, local or ray, got {engine!r}")
+    "onnx" (this process, the round's exported graph in ONNX Runtime) or "auto" (Ray with an `address` or above
+    RAY_POOL_BYTES, else this process)."""
+    if engine not in ("auto", "local", "ray", "onnx"):
+        raise ValueError(f"engine must be auto, local, ray or onnx, got {engine!r}")
     model_dir = ws.current_model_dir()
-    det = artifacts.load(model_dir)
+    if engine == "onnx":  # this process, the scoring pass in ONNX Runtime (aae_ray.onnx_engine)
+        from aae_ray import onnx_engine
+
+        det = onnx_engine.load(ws, ws.current()["round"])
+    else:
+        det = artifacts.load(model_dir)
     size = det.config.input_size
-    if address and engine == "local":
+    if address and engine in ("local", "onnx"):
         raise ValueError("an --address scores on a Ray cluster: use --engine ray or auto, or leave the address out")
     if engine == "auto" and address:
         engine = "ray"

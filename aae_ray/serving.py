@@ -56,6 +56,7 @@ class ServeSettings(BaseModel):
     replicas: int | Literal["auto"] = 1  # "auto": Serve autoscaling (serve/app.py says the targets)
     num_cpus: float = Field(1.0, ge=0, le=256)  # Ray CPUs a replica reserves; torch gets that many threads
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU a replica when the cluster has GPUs
+    engine: Literal["torch", "onnx"] = "torch"  # onnx: the round's export in ONNX Runtime (aae_ray.onnx_engine)
     # The prediction log (aae_ray.prediction_log, WS/predictions/): every answered image, its bytes for the
     # flagged ones and a sample of the others; written off the request path every log_flush_interval_s.
     log: bool = True
@@ -121,14 +122,21 @@ class LoadedModel:
                 "metrics": self.metrics, "config": self.detector.config.model_dump()}
 
 
-def load_current(ws: Workspace, device: str = "cpu") -> LoadedModel:
-    """The promoted model of `ws` (WorkspaceError if none, ArtifactError if broken), on `device`."""
+def load_current(ws: Workspace, device: str = "cpu", engine: str = "torch", threads: int | None = None
+                 ) -> LoadedModel:
+    """The promoted model of `ws` (WorkspaceError if none, ArtifactError if broken), on `device`; with engine
+    "onnx", its export in ONNX Runtime (on the CPU, `threads` of it)."""
     text = ws.current_path.read_text() if ws.current_path.exists() else ""
     cur = json.loads(text) if text else None
     if not isinstance(cur, dict) or "model" not in cur:
         raise ValueError(f"{ws.root} has no promoted model yet (run `aae-ray train {ws.root}` or `aae-ray tune`)")
     folder = ws.root / cur["model"]
-    det = artifacts.load(folder).to(device)
+    if engine == "onnx":
+        from aae_ray import onnx_engine
+
+        det, device = onnx_engine.load(ws, int(cur["round"]), threads), "cpu (onnxruntime)"
+    else:
+        det = artifacts.load(folder).to(device)
     return LoadedModel(det, text, int(cur.get("round", -1)), cur["model"], cur.get("promoted_at"),
                        cur.get("reason"), artifacts.read_metrics(folder), device)
 
@@ -153,7 +161,7 @@ class ScoringService:
         self.cfg = cfg
         self.device = device
         self.ws = Workspace.open(cfg.workspace)
-        self.model = load_current(self.ws, device)
+        self.model = load_current(self.ws, device, cfg.engine, max(1, int(cfg.num_cpus)))
         self.reload_error: str | None = None
         self._failed_pointer: str | None = None
         self._stop = threading.Event()
@@ -177,7 +185,7 @@ class ScoringService:
         if text == self.model.pointer or text == self._failed_pointer:
             return False
         try:
-            new = load_current(self.ws, self.device)
+            new = load_current(self.ws, self.device, self.cfg.engine, max(1, int(self.cfg.num_cpus)))
         except Exception as exc:  # a broken or half-copied artifact must not take the endpoint down
             self._failed_pointer, self.reload_error = text, f"{type(exc).__name__}: {exc}"
             log.error("keeping round %s: cannot load the promoted model: %s", self.model.round, self.reload_error)
