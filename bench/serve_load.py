@@ -147,11 +147,12 @@ def markdown(doc: dict) -> str:
              f"{doc['settings']['seconds']} s a cell, medians of {doc['settings']['repeats']} runs taken in turns; "
              f"the load generator runs on the same 2 cores. Torch threads per server: {THREADS}. Each Serve "
              "ingress ran in its own Ray session with the bare server beside it (`phase`).", "",
-             "| phase | image | clients | server | ingress | batching | req/s | p50 ms | p99 ms | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| phase | image | clients | server | ingress | engine | batching | req/s | p50 ms | p99 ms | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         lines.append(f"| {r['phase']} | {r['image_size']}x{r['image_size']} | {r['clients']} | {r['server']} | "
-                     f"{r['ingress']} | {'on' if r['batching'] else 'off'} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
+                     f"{r['ingress']} | {r.get('engine', 'torch')} | {'on' if r['batching'] else 'off'} | "
+                     f"{r['rps']:.1f} | {r['p50_ms']:.1f} | "
                      f"{r['p99_ms']:.1f} | {r['errors']} |")
     lines += ["", "Targets: with batching at 32 clients, throughput >= 1.0x the bare server and p99 <= 100 ms "
               "(32x32).", ""]
@@ -162,8 +163,10 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def phase(ingress: str, sizes: list[int], clients_list: list[int], seconds: float, repeats: int) -> list[dict]:
-    """One Ray session with one Serve ingress: every cell of the three servers, `repeats` times, in turns."""
+def phase(ingress: str, sizes: list[int], clients_list: list[int], seconds: float, repeats: int,
+          engines: tuple[str, ...] = ("torch",)) -> list[dict]:
+    """One Ray session with one Serve ingress: every cell of the servers, `repeats` times, in turns. Each engine
+    after the first (`--engines torch onnx`) adds a batching Serve deployment scoring on it."""
     import ray
     from ray import serve
 
@@ -179,34 +182,38 @@ def phase(ingress: str, sizes: list[int], clients_list: list[int], seconds: floa
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             ws, image = make_workspace(Path(tmp), size)
-            servers = {}
-            for batching, max_batch in ((True, 32), (False, 1)):
-                prefix = f"/s{size}{'on' if batching else 'off'}"
-                start(settings(workspace=ws, max_batch_size=max_batch, num_cpus=THREADS), port=serve_port,
+            servers, names = {}, []
+            for batching, max_batch, engine in ((True, 32, engines[0]), (False, 1, engines[0]),
+                                                *((True, 32, e) for e in engines[1:])):
+                prefix = f"/s{size}{'on' if batching else 'off'}{'' if engine == 'torch' else engine}"
+                start(settings(workspace=ws, max_batch_size=max_batch, num_cpus=THREADS, engine=engine,
+                               **({"device": "cpu"} if engine == "onnx" else {})), port=serve_port,
                       name=prefix.strip("/"), route_prefix=prefix)
-                servers[("serve", batching)] = f"http://127.0.0.1:{serve_port}{prefix}"
+                servers[("serve", batching, engine)] = f"http://127.0.0.1:{serve_port}{prefix}"
+                names.append(prefix.strip("/"))
             bare_port = free_port()
             bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(ws), str(bare_port)])
-            servers[("bare", False)] = f"http://127.0.0.1:{bare_port}"
+            servers[("bare", False, "torch")] = f"http://127.0.0.1:{bare_port}"
             try:
-                for (server, _), url in servers.items():
+                for (server, _, _), url in servers.items():
                     wait_healthy(url, bare if server == "bare" else None)
                     run_load(url + "/score", 4, 1.0, image)  # warm-up: first batches, lazy imports
                 for rep in range(repeats):
                     for clients in clients_list:
-                        for (server, batching), url in servers.items():
+                        for (server, batching, engine), url in servers.items():
                             r = run_load(url + "/score", clients, seconds, image)
                             cells.append({"server": server, "ingress": ingress if server == "serve" else "uvicorn",
-                                          "batching": batching, "clients": clients, "image_size": size, **r})
-                            print(f"[{ingress}] {size}x{size} rep {rep + 1} {server:5} batching "
+                                          "batching": batching, "engine": engine, "clients": clients,
+                                          "image_size": size, **r})
+                            print(f"[{ingress}] {size}x{size} rep {rep + 1} {server:5} {engine:5} batching "
                                   f"{'on ' if batching else 'off'} {clients:2} clients: {r['rps']:7.1f} req/s "
                                   f"p50 {r['p50_ms']:6.1f} ms p99 {r['p99_ms']:6.1f} ms errors {r['errors']}",
                                   file=sys.stderr, flush=True)
             finally:
                 bare.terminate()
                 bare.wait(timeout=30)
-                for batching in (True, False):
-                    serve.delete(f"s{size}{'on' if batching else 'off'}")
+                for name in names:
+                    serve.delete(name)
     serve.shutdown()
     ray.shutdown()
     return cells
@@ -215,19 +222,20 @@ def phase(ingress: str, sizes: list[int], clients_list: list[int], seconds: floa
 def summarise(cells: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
-        key = (c["ingress"] if c["server"] == "serve" else c["phase"], c["server"], c["batching"], c["clients"],
-               c["image_size"])
+        key = (c["ingress"] if c["server"] == "serve" else c["phase"], c["server"], c["batching"],
+               c.get("engine", "torch"), c["clients"], c["image_size"])
         groups.setdefault(key, []).append(c)
     rows = []
     for runs in groups.values():
         c = runs[0]
         rows.append({"server": c["server"], "ingress": c["ingress"], "phase": c["phase"], "batching": c["batching"],
+                     "engine": c.get("engine", "torch"),
                      "clients": c["clients"], "image_size": c["image_size"],
                      **{k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p99_ms")},
                      "errors": sum(r["errors"] for r in runs), "runs": [
                          {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "errors", "requests")} for r in runs]})
     return sorted(rows, key=lambda r: (r["phase"], r["image_size"], r["clients"], r["server"] == "bare",
-                                       not r["batching"]))
+                                       not r["batching"], r["engine"] != "torch"))
 
 
 def main() -> None:
@@ -237,6 +245,8 @@ def main() -> None:
     ap.add_argument("--ingress", nargs="+", default=["haproxy", "python"], choices=["haproxy", "python"])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--engines", nargs="+", default=["torch"], choices=["torch", "onnx"],
+                    help="scoring engines of the batching Serve deployment (torch first: the others are added)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
@@ -256,7 +266,7 @@ def main() -> None:
         for size in args.sizes:
             pick = [r for r in rows if r["phase"] == ingress and r["image_size"] == size
                     and r["clients"] == max(args.clients)]
-            on = next((r for r in pick if r["server"] == "serve" and r["batching"]), None)
+            on = next((r for r in pick if r["server"] == "serve" and r["batching"] and r["engine"] == "torch"), None)
             bare = next((r for r in pick if r["server"] == "bare"), None)
             if on and bare:
                 targets[f"{ingress} {size}"] = {"ingress": ingress, "image_size": size, "p99_ms": on["p99_ms"],
@@ -278,7 +288,8 @@ if __name__ == "__main__":
         bare_server(sys.argv[2], int(sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "--phase":
         opts = json.loads(sys.argv[3])
-        print(json.dumps(phase(sys.argv[2], opts["sizes"], opts["clients"], opts["seconds"], opts["repeats"])))
+        print(json.dumps(phase(sys.argv[2], opts["sizes"], opts["clients"], opts["seconds"], opts["repeats"],
+                               tuple(opts.get("engines", ["torch"])))))
     elif len(sys.argv) > 1 and sys.argv[1] == "--load":
         url, clients, seconds, image = sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), Path(sys.argv[5])
         print(json.dumps(load(url, clients, seconds, image.read_bytes())))

@@ -62,6 +62,9 @@ def served(ray_local, scored_ws, tmp_path_factory):
         app.start(serving.settings(**common), port=port, name="open", route_prefix="/")
         app.start(serving.settings(**common, token=TOKEN, replicas="auto"), port=port, name="secure",
                   route_prefix="/secure")
+        # the same model on ONNX Runtime (its export made by the replica as it starts)
+        app.start(serving.settings(**{**common, "num_cpus": 0.25}, engine="onnx", device="cpu"), port=port,
+                  name="onnx", route_prefix="/onnx")
         yield f"http://127.0.0.1:{port}", ws_dir
     finally:
         serve.shutdown()
@@ -234,10 +237,15 @@ def _fill(value, image: bytes):
     return value
 
 
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_gets_its_status_as_json_and_the_next_request_is_answered(served, image, case):
+def test_bad_input_gets_its_status_as_json_and_the_next_request_is_answered(served, image, case, engine):
     url, _ = served
     method, path, kwargs, status = BAD[case]
+    if engine == "onnx":
+        if path.startswith("/secure"):
+            pytest.skip("the token cases belong to the token-protected application")
+        url += "/onnx"
     kwargs = {k: _fill(v, image) for k, v in kwargs.items()}
     r = requests.request(method, url + path, timeout=TIMEOUT, **kwargs)
     assert r.status_code == status, r.text
