@@ -175,9 +175,9 @@ def phase(ingress: str, sizes: list[int], clients_list: list[int], seconds: floa
     from serve.app import start
 
     cells = []
-    # Logical CPUs for two deployments of THREADS each (a replica's torch threads = its CPUs): both share the
+    # Logical CPUs for the deployments, THREADS each (a replica's torch threads = its CPUs): they share the
     # machine's real cores, and only one of them is under load at a time.
-    ray.init(address="local", num_cpus=2 * THREADS, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=(1 + len(engines)) * THREADS, include_dashboard=False, log_to_driver=False)
     serve_port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
