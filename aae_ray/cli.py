@@ -123,8 +123,9 @@ def _people_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--log-sample", type=float, default=0.0, metavar="F",
                      help="also keep the bytes of this share of the other images (default 0)")
     srv.add_argument("--no-log", action="store_true", help="log nothing to WS/predictions/")
-    srv.add_argument("--engine", choices=["torch", "onnx"], default="torch",
-                     help="score with torch, or the round's export in ONNX Runtime (CPU; made on first use)")
+    srv.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
+                     help="onnx: the round's export in ONNX Runtime (CPU; made on first use); auto (default): "
+                          "ONNX Runtime on CPU replicas where the model exports, else torch")
 
 
 def _round_commands(sub: argparse._SubParsersAction) -> None:

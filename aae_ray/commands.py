@@ -251,6 +251,7 @@ def serve(args: argparse.Namespace) -> int:
                            replicas=args.replicas, log=not args.no_log, log_images=args.log_images,
                            log_sample=args.log_sample, engine=args.engine,
                            **({"device": "cpu"} if args.engine == "onnx" else {}))
+    print(f"scoring on {model.device}", flush=True)
     serving.check_port(args.host, args.port)
     print(f"starting Ray Serve for round {model.round} ({model.path}, input {model.size}x{model.size}) ...",
           flush=True)

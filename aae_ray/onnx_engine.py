@@ -4,7 +4,8 @@ endpoint call it as they call the Detector.
 
 Why: on 2 CPU cores the graph in ONNX Runtime scored the default AAE 8.7x faster than torch one 32x32 image at a
 time and 1.7x at batch 64; at 64x64, 3.4x and 1.05x (bench/results/edge.md): torch's per-call overhead dominates
-small batches. It is not the default yet: the endpoint's own throughput on it is not measured.
+small batches; the endpoint answered 3.0x the requests of torch at 32 clients (bench/results/serve_engines.md), so
+it is what a CPU replica serves with by default (serving.ServeSettings.engine "auto").
 Only the scoring pass moves: the config, the limit, the threshold and the p-values are the Detector's.
 """
 

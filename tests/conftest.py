@@ -25,6 +25,7 @@ from aae_ray.config import AAEConfig
 from aae_ray.data.synthetic import make_synthetic_records
 from aae_ray.detector import Detector
 from aae_ray.serving import free_port
+from aae_ray.workspace import Workspace
 
 # With two cores shared with other jobs, torch's default of one thread a core oversubscribes them: measured
 # 5 s an epoch (200 images, 32x32) with 2 threads against 0.07 s with 1.
@@ -72,6 +73,9 @@ def trained_ws(synthetic_ws, tmp_path_factory) -> Path:
     shutil.copytree(synthetic_ws, ws)
     torch.manual_seed(0)
     assert run_cli("train", ws, "--epochs", "2", *TINY_SET, "--no-progress") == 0
+    from aae_ray.export import ensure_export
+
+    ensure_export(Workspace.open(ws), 0)  # what a CPU replica serves (engine auto); copies inherit it
     return ws
 
 

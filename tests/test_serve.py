@@ -59,7 +59,7 @@ def served(ray_local, scored_ws, tmp_path_factory):
     app, port = serve_app, serving.free_port()
     common = {"workspace": ws_dir, "num_cpus": 0.5, "max_batch_size": 16, "reload_interval_s": 0.5, **LIMITS}
     try:
-        app.start(serving.settings(**common), port=port, name="open", route_prefix="/")
+        app.start(serving.settings(**common, engine="torch"), port=port, name="open", route_prefix="/")
         app.start(serving.settings(**common, token=TOKEN, replicas="auto"), port=port, name="secure",
                   route_prefix="/secure")
         # the same model on ONNX Runtime (its export made by the replica as it starts)
