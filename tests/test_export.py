@@ -36,6 +36,7 @@ def family_dir(request, solder, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # trains or starts processes: make test runs it, make test-fast does not
 def test_every_exportable_family_scores_the_same_in_onnx_runtime(family_dir, solder, tmp_path):
     X, _ = solder.test
     out = export_onnx(family_dir, tmp_path / "onnx", X)
@@ -79,6 +80,7 @@ def test_anogan_and_a_corrupted_artifact_are_refused_with_one_line(solder, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # trains or starts processes: make test runs it, make test-fast does not
 def test_the_export_command_and_the_edge_command(trained_ws, tmp_path, capsys):
     ws_dir = tmp_path / "ws"
     shutil.copytree(trained_ws, ws_dir)
@@ -105,6 +107,7 @@ def test_the_export_command_and_the_edge_command(trained_ws, tmp_path, capsys):
     assert run_cli("export", ws_dir, "--round", "7") == 2
 
 
+@pytest.mark.slow  # trains or starts processes: make test runs it, make test-fast does not
 def test_the_edge_scorer_runs_where_torch_cannot_be_imported(trained_ws, tmp_path):
     ws_dir = tmp_path / "ws"
     shutil.copytree(trained_ws, ws_dir)
