@@ -268,7 +268,7 @@ def round_(args: argparse.Namespace) -> int:  # `round` would shadow the builtin
     ws = Workspace.open(args.workspace)
     spec = _load_spec(args)
     start = time.perf_counter()
-    if getattr(args, "ingest", None):
+    if args.ingest:
         _ingest_before_round(ws, args.ingest)
     out = run_round(ws, spec, address=args.address, policy=args.policy)
     labels = Counter(current_labels(ws.labels_dir).values())

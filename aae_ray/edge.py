@@ -58,12 +58,12 @@ class EdgeScorer:
     def p_value(self, score: np.ndarray) -> np.ndarray:
         """aae_ray.scoring.ScoreLimit.p_value, in numpy: P(score >= s) for a new normal image."""
         dof = self.meta.get("f_dof")
-        if dof:
-            from scipy import stats  # only for an F-law limit; the calibrated ones need numpy alone
+        if dof:  # the F law needs scipy (aae_ray.scoring's rule); a calibrated limit, numpy alone (below)
+            from aae_ray.scoring import f_p_value
 
-            n, p = dof
-            f = np.asarray(score, dtype=np.float64) * n * (n - p) / (p * (n + 1) * (n - 1))
-            return stats.f.sf(f, p, n - p)
+            return f_p_value(score, *dof)
+        # ScoreLimit.p_value's conformal rule, written again in numpy: importing aae_ray.scoring needs scipy, which
+        # the edge install leaves out
         cal = self.calibration
         above = len(cal) - np.searchsorted(cal, np.asarray(score, dtype=np.float64), side="left")
         return (1.0 + above) / (len(cal) + 1.0)

@@ -20,7 +20,7 @@ import pyarrow as pa
 from aae_ray.workspace import Workspace
 
 Echo = Callable[[str], None]
-LINE_SOURCE = "line:"  # a line image's `source` is "line:<station>" (`line` below; "unnamed" without a station)
+LINE_SOURCE = "line:"  # a line image's `source` is "line:<station>" (`line` below)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def line(root: Path, *, since: datetime | None = None, which: str = "flagged", s
     import pyarrow.compute as pc
 
     from aae_ray.data.images import ImageRecord, decode_image
-    from aae_ray.prediction_log import read_predictions
+    from aae_ray.prediction_log import UNNAMED_STATION, read_predictions
 
     if which not in ("flagged", "all"):
         raise ValueError(f"which must be flagged or all, got {which!r}")
@@ -119,7 +119,7 @@ def line(root: Path, *, since: datetime | None = None, which: str = "flagged", s
     for r in rows:
         try:
             records.append(ImageRecord(id=r["id"], pixels=decode_image(r["image"]), split="pool", truth=None,
-                                       source=f"{LINE_SOURCE}{r['station'] or 'unnamed'}"))
+                                       source=f"{LINE_SOURCE}{r['station'] or UNNAMED_STATION}"))
         except ValueError as exc:  # the server decoded it once; a damaged log row is skipped, not fatal
             skipped.append({"path": f"predictions/{r['id']}", "reason": str(exc)})
     echo(f"{len(records)} line image(s) from {ws.predictions_dir} ({which}"

@@ -28,15 +28,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from scipy import stats
 
 from aae_ray import artifacts, control_chart
 from aae_ray.atomic import atomic_write
-from aae_ray.prediction_log import read_predictions
-from aae_ray.scoring import ScoreLimit
+from aae_ray.prediction_log import UNNAMED_STATION, read_predictions
+from aae_ray.scoring import ScoreLimit, f_ucl
 from aae_ray.workspace import Workspace
 
-UNNAMED = "unnamed"
+UNNAMED = UNNAMED_STATION
 ALARM_SCHEMA = pa.schema([
     ("id", pa.string()), ("kind", pa.string()), ("direction", pa.string()), ("station", pa.string()),
     ("round", pa.int32()), ("model", pa.string()), ("ts", pa.timestamp("us", tz="UTC")), ("image_id", pa.string()),
@@ -146,7 +145,7 @@ def _stream(ws: Workspace, station: str, rows: pa.Table, lam: float) -> Stream:
     for a, b in zip(starts, np.r_[starts[1:], n], strict=True):
         limit = _limit(ws, int(rnd[a]))
         z[a:b] = _normal(limit, col["score"][a:b], col["p_value"][a:b])
-        centre[a:b], alpha[a:b] = _centre(limit), np.nan if limit is None else limit.alpha
+        centre[a:b], alpha[a:b] = centre_line(limit), np.nan if limit is None else limit.alpha
         stat[a:b] = control_chart.ewma(z[a:b], lam)
     ts = rows.column("ts").to_numpy(zero_copy_only=False).astype("datetime64[us]")
     return Stream(station, ts, rows.column("id").to_pylist(), rnd, col["score"], col["threshold"], centre, alpha,
@@ -166,15 +165,14 @@ def _normal(limit: ScoreLimit | None, score: np.ndarray, p_value: np.ndarray) ->
     return control_chart.f_normal_scores(p_value)
 
 
-def _centre(limit: ScoreLimit | None) -> float:
+def centre_line(limit: ScoreLimit | None) -> float:
     """The in-control median of the score: of the calibration scores, or of the F law of the global T2."""
     if limit is None:
         return float("nan")
     if len(limit.calibration):
         return float(np.median(limit.calibration))
     if limit.f_dof is not None:
-        n, p = limit.f_dof
-        return float(stats.f.isf(0.5, p, n - p) * p * (n + 1) * (n - 1) / (n * (n - p)))
+        return f_ucl(*limit.f_dof, alpha=0.5)  # the F law's median: its limit at alpha 1/2
     return float("nan")
 
 
@@ -230,12 +228,13 @@ def _alarm(kind: str, direction: str, s: Stream, i: int, statistic: float, limit
             "image_id": s.ids[i], "statistic": statistic, "limit": limit, "n": n, "detail": detail}
 
 
-def check_alarms(ws: Workspace, settings: MonitorSettings | None = None, *,
-                 now: datetime | None = None) -> list[dict[str, Any]]:
-    """Compute the alarms of the whole log and append the ones not yet recorded to WS/alarms/; the new ones."""
+def check_alarms(ws: Workspace, settings: MonitorSettings | None = None, *, now: datetime | None = None,
+                 chart: LineChart | None = None) -> list[dict[str, Any]]:
+    """Compute the alarms of the whole log and append the ones not yet recorded to WS/alarms/; the new ones.
+    `chart`: the log's chart for these settings, where the caller has it already (it reads the whole log)."""
     settings = settings or MonitorSettings()
     now = now or datetime.now(UTC)
-    chart = line_chart(ws, settings)
+    chart = chart or line_chart(ws, settings)
     known = {a["id"] for a in read_alarms(ws)}
     new = [a for a in drift_alarms(chart) + rate_alarms(chart, settings.band_level, now) if a["id"] not in known]
     if new:
@@ -305,14 +304,10 @@ def send_to_labeling(ws: Workspace, image_id: str) -> str:
     from aae_ray.rounds import enqueue
 
     imported = line(ws.root, ids=[image_id], echo=lambda *_: None)
-    if image_id not in _pool_ids(ws):
+    if image_id not in ws.pool_ids():
         why = imported.skipped[0]["reason"] if imported.skipped else "the prediction log kept no bytes for it"
         raise ValueError(f"image {image_id} cannot join the pool: {why}")
     q = enqueue(ws, [image_id])
     return (f"image {image_id} is in the pool and first in round {q.round_no}'s labeling queue "
             f"({'added' if q.added else 'moved up' if q.rewritten else 'already first'})")
 
-
-def _pool_ids(ws: Workspace) -> set[str]:
-    t = pq.read_table(ws.images_path, columns=["id", "split"])
-    return {i for i, s in zip(t.column("id").to_pylist(), t.column("split").to_pylist(), strict=True) if s == "pool"}

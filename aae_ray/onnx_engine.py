@@ -30,7 +30,6 @@ class OnnxDetector:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.config, self.limit_, self.primary_ = det.config, det.limit_, det.primary_
         self.threshold_, self.score_label, self.map_label = det.threshold_, det.score_label, det.map_label
-        self.engine = "onnxruntime"
 
     def score(self, X: np.ndarray, *, maps: bool = True) -> Scores:
         X = check_images(X, self.config.input_size)

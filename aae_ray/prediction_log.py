@@ -25,7 +25,6 @@ the image's content id, the one a folder import gives the same bytes, so logged 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import random
@@ -42,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aae_ray.atomic import atomic_write, fsync_dir
-from aae_ray.data.images import stable_id
+from aae_ray.data.folder import content_id  # a folder import's id for the same bytes: logged images join once
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +53,11 @@ SCHEMA = pa.schema([
     ("image", pa.binary()),  # null unless the image was chosen for logging
 ])
 ImagePolicy = Literal["flagged", "all", "none"]
+UNNAMED_STATION = "unnamed"  # what a row without a station is called wherever stations are listed
 FRAGMENT_PREFIX, HOUR_PREFIX = "f-", "h-"
 HOUR_FORMAT = "%Y%m%dT%H"
 COMPACT_MARGIN = timedelta(minutes=5)  # an hour is compacted this long after it ends: longer than any flush
 COMPACT_EVERY_S = 600.0  # how often a writer's thread compacts the ended hours
-
-
-def content_id(data: bytes) -> str:
-    """The id a folder import gives these bytes (aae_ray.data.folder), so a logged image joins the pool once."""
-    return stable_id("folder", hashlib.sha1(data).hexdigest())
 
 
 @dataclass(frozen=True)

@@ -285,10 +285,7 @@ def enqueue(ws: Workspace, ids: Sequence[str]) -> Enqueued:
 
 
 def _check_pool(ws: Workspace, ids: list[str]) -> None:
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(ws.images_path, columns=["id", "split"])
-    pool = {i for i, s in zip(t.column("id").to_pylist(), t.column("split").to_pylist(), strict=True) if s == "pool"}
+    pool = ws.pool_ids()
     outside = [i for i in ids if i not in pool]
     if outside:
         raise ValueError(f"{len(outside)} of the ids are not pool images of {ws.root} (e.g. {outside[0]}): a line "

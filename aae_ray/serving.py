@@ -57,7 +57,7 @@ class ServeSettings(BaseModel):
     num_cpus: float = Field(1.0, ge=0, le=256)  # Ray CPUs a replica reserves; torch gets that many threads
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU a replica when the cluster has GPUs
     # onnx: the round's export in ONNX Runtime (aae_ray.onnx_engine); auto: ONNX Runtime on a CPU replica where the
-    # model exports (3.4x torch's throughput at 32 clients, 32x32: bench/results/serve_engines.md), else torch
+    # model exports (3.0x torch's throughput at 32 clients, 32x32: bench/results/serve_engines.md), else torch
     engine: Literal["auto", "torch", "onnx"] = "auto"
     # The prediction log (aae_ray.prediction_log, WS/predictions/): every answered image, its bytes for the
     # flagged ones and a sample of the others; written off the request path every log_flush_interval_s.
@@ -174,7 +174,7 @@ class ScoringService:
         self.cfg = cfg
         self.device = device
         self.ws = Workspace.open(cfg.workspace)
-        self.model = load_current(self.ws, device, cfg.engine, max(1, int(cfg.num_cpus)))
+        self.model = self._load()
         self.reload_error: str | None = None
         self._failed_pointer: str | None = None
         self._stop = threading.Event()
@@ -187,6 +187,9 @@ class ScoringService:
         ) if cfg.log else None
 
     # --- hot reload ---------------------------------------------------------------------------------------
+    def _load(self) -> LoadedModel:
+        return load_current(self.ws, self.device, self.cfg.engine, max(1, int(self.cfg.num_cpus)))
+
     def reload_if_changed(self) -> bool:
         """Load the promoted model if WS/current.json changed. The new one is loaded fully, then swapped in
         with one assignment: requests already holding the old one finish on it. A model that fails to load
@@ -198,7 +201,7 @@ class ScoringService:
         if text == self.model.pointer or text == self._failed_pointer:
             return False
         try:
-            new = load_current(self.ws, self.device, self.cfg.engine, max(1, int(self.cfg.num_cpus)))
+            new = self._load()
         except Exception as exc:  # a broken or half-copied artifact must not take the endpoint down
             self._failed_pointer, self.reload_error = text, f"{type(exc).__name__}: {exc}"
             log.error("keeping round %s: cannot load the promoted model: %s", self.model.round, self.reload_error)

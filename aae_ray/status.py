@@ -12,7 +12,7 @@ from typing import Any
 from aae_ray import artifacts
 from aae_ray.labels import current_labels, read_events
 from aae_ray.monitor import alarm_summary
-from aae_ray.prediction_log import read_predictions
+from aae_ray.prediction_log import UNNAMED_STATION, read_predictions
 from aae_ray.scoring import describe_basis
 from aae_ray.workspace import Workspace
 
@@ -82,4 +82,4 @@ def _line(ws: Workspace) -> dict[str, Any] | None:
         return None
     ts = t.column("ts").to_pylist()
     return {"rows": t.num_rows, "flagged": sum(t.column("anomaly").to_pylist()), "first": min(ts), "last": max(ts),
-            "stations": sorted({s or "unnamed" for s in t.column("station").to_pylist()})}
+            "stations": sorted({s or UNNAMED_STATION for s in t.column("station").to_pylist()})}

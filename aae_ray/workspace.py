@@ -105,6 +105,14 @@ class Workspace:
     def images(self) -> pa.Table:
         return read_table(self.images_path)
 
+    def pool_ids(self) -> set[str]:
+        """The ids of the pool's images (read without the image bytes)."""
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(self.images_path, columns=["id", "split"])
+        return {i for i, s in zip(t.column("id").to_pylist(), t.column("split").to_pylist(), strict=True)
+                if s == "pool"}
+
     def rounds(self) -> list[int]:
         folder = self.root / "rounds"
         if not folder.exists():

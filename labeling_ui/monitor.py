@@ -43,16 +43,18 @@ def main() -> None:
     st.title("Line monitor")
     started = monitor.MonitorSettings(lam=float(script_arg(sys.argv[1:], "lam", "0.1")),
                                       arl0=float(script_arg(sys.argv[1:], "arl0", "500")))
-    new = monitor.check_alarms(ws, started)  # recorded with the design the page was started with
+    chart = monitor.line_chart(ws, started)  # the whole log, read once a rerun
+    new = monitor.check_alarms(ws, started, chart=chart)  # recorded with the design the page was started with
     settings = design_sidebar(started)
-    chart = monitor.line_chart(ws, settings)
+    if settings != started:  # the sidebar's what-if design: the same log, charted again
+        chart = monitor.line_chart(ws, settings)
     if not chart.streams:
         st.info(f"Nothing served yet: `aae-ray serve {ws.root}` logs every answer to {ws.predictions_dir}.")
         return
     stations = st.sidebar.multiselect("Stations", list(chart.streams), default=list(chart.streams))
     window = st.sidebar.selectbox("Time", list(WINDOWS))
     since = datetime.now(UTC) - WINDOWS[window] if WINDOWS[window] else None
-    v = monitor_report.view(ws, settings, stations=stations, since=since)
+    v = monitor_report.view(ws, settings, stations=stations, since=since, chart=chart)
     if new:
         st.warning(f"{len(new)} new alarm(s): " + "; ".join(monitor.describe_alarm(a) for a in new[:3]))
     headline(v)

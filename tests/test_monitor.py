@@ -215,3 +215,13 @@ def test_replicas_check_at_most_once_an_interval_and_only_when_the_log_grew(scor
     log_stream(ws, shifted(20, 0, 0.0), station="cam-2", start=T0 + timedelta(hours=1))
     monitor.check_alarms_if_due(ws, 30)
     assert len(checks) == 2
+
+
+def test_the_centre_line_is_the_in_control_median_of_the_score():
+    from aae_ray.scoring import ScoreLimit, f_p_value
+
+    calibrated = ScoreLimit(0.01, 9.0, np.array([1.0, 2.0, 3.0, 4.0, 100.0]), "calibrated")
+    assert monitor.centre_line(calibrated) == 3.0
+    f_law = ScoreLimit(0.01, 30.0, np.empty(0), "f_ucl", f_dof=(200, 8))
+    assert f_p_value(np.array([monitor.centre_line(f_law)]), 200, 8)[0] == pytest.approx(0.5)
+    assert np.isnan(monitor.centre_line(None))

@@ -168,6 +168,11 @@ def _check_folders(folders: dict[str, Path | None]) -> None:
             raise FileNotFoundError(f"{kind} folder {folder} does not exist or is not a folder")
 
 
+def content_id(data: bytes) -> str:
+    """An image's id from its bytes: the same file, or the same bytes the line sent, gets the same id."""
+    return stable_id("folder", hashlib.sha1(data).hexdigest())
+
+
 def _load(path: Path, source: str, first_path: dict[str, str]) -> tuple[str, np.ndarray] | Skipped:
     """The id and pixels of the image file at `path`, or why it is skipped: not an image suffix, unreadable, a
     duplicate of an id in `first_path` (checked before decoding, so a copy is never decoded), or undecodable."""
@@ -176,7 +181,7 @@ def _load(path: Path, source: str, first_path: dict[str, str]) -> tuple[str, np.
     data, why = _read(path)
     if data is None:
         return Skipped(source, why)
-    image_id = stable_id("folder", hashlib.sha1(data).hexdigest())
+    image_id = content_id(data)
     if image_id in first_path:
         return Skipped(source, f"duplicate of {first_path[image_id]}")
     pixels, why = _decode(data)
