@@ -249,8 +249,7 @@ def serve(args: argparse.Namespace) -> int:
     model = serving.load_current(ws, engine=args.engine)
     cfg = serving.settings(workspace=ws.root, token=args.token, max_batch_size=args.max_batch,
                            replicas=args.replicas, log=not args.no_log, log_images=args.log_images,
-                           log_sample=args.log_sample, engine=args.engine,
-                           **({"device": "cpu"} if args.engine == "onnx" else {}))
+                           log_sample=args.log_sample, engine=args.engine)
     print(f"scoring on {model.device}", flush=True)
     serving.check_port(args.host, args.port)
     print(f"starting Ray Serve for round {model.round} ({model.path}, input {model.size}x{model.size}) ...",

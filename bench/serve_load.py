@@ -186,9 +186,8 @@ def phase(ingress: str, sizes: list[int], clients_list: list[int], seconds: floa
             for batching, max_batch, engine in ((True, 32, engines[0]), (False, 1, engines[0]),
                                                 *((True, 32, e) for e in engines[1:])):
                 prefix = f"/s{size}{'on' if batching else 'off'}{'' if engine == 'torch' else engine}"
-                start(settings(workspace=ws, max_batch_size=max_batch, num_cpus=THREADS, engine=engine,
-                               **({"device": "cpu"} if engine == "onnx" else {})), port=serve_port,
-                      name=prefix.strip("/"), route_prefix=prefix)
+                start(settings(workspace=ws, max_batch_size=max_batch, num_cpus=THREADS, engine=engine),
+                      port=serve_port, name=prefix.strip("/"), route_prefix=prefix)
                 servers[("serve", batching, engine)] = f"http://127.0.0.1:{serve_port}{prefix}"
                 names.append(prefix.strip("/"))
             bare_port = free_port()

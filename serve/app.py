@@ -90,7 +90,8 @@ def deployment_options(cfg: ServeSettings) -> dict[str, Any]:
     (GPUs, or CPUs / num_cpus) replicas, aiming at half a batch of requests in flight on each: more means
     requests queue behind a full batch, so it adds a replica after 5 s; fewer for 60 s, it removes one."""
     cpus, gpus = cluster_resources()
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+    # ONNX Runtime runs here on the CPU (aae_ray.onnx_engine): a replica on it takes no GPU
+    use_gpu = cfg.engine != "onnx" and (cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0))
     opts: dict[str, Any] = {"max_ongoing_requests": 2 * cfg.max_batch_size,
                             "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": 1 if use_gpu else 0}}
     if cfg.replicas == "auto":

@@ -63,7 +63,7 @@ def served(ray_local, scored_ws, tmp_path_factory):
         app.start(serving.settings(**common, token=TOKEN, replicas="auto"), port=port, name="secure",
                   route_prefix="/secure")
         # the same model on ONNX Runtime (its export made by the replica as it starts)
-        app.start(serving.settings(**{**common, "num_cpus": 0.25}, engine="onnx", device="cpu"), port=port,
+        app.start(serving.settings(**{**common, "num_cpus": 0.25}, engine="onnx"), port=port,
                   name="onnx", route_prefix="/onnx")
         yield f"http://127.0.0.1:{port}", ws_dir
     finally:
