@@ -170,6 +170,8 @@ def _search_arguments(p: argparse.ArgumentParser, address: bool = True) -> None:
     if address:
         p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start Ray here)")
     p.add_argument("--num-samples", type=int, help="number of trials (overrides the spec)")
+    p.add_argument("--max-ms-per-image", type=float, metavar="MS", help="a latency search's budget: the round's "
+                   "model is the best trial scoring within MS milliseconds an image (overrides select in the spec)")
 
 
 def _replicas(value: str) -> int | str:

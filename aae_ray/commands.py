@@ -115,7 +115,8 @@ def tune(args: argparse.Namespace) -> int:
         round_no = resumed_round(ws) if args.resume else next_round(ws)
     start = time.perf_counter()
     try:
-        out = run_tune(ws, spec, round_no=round_no, address=args.address, resume=args.resume)
+        out = run_tune(ws, spec, round_no=round_no, address=args.address, resume=args.resume,
+                       max_ms_per_image=args.max_ms_per_image)
     except KeyboardInterrupt:
         print(f"interrupted; the experiment in {experiment_dir(ws, round_no)} is resumable: "
               f"aae-ray tune {ws.root} --resume", file=sys.stderr)
@@ -126,12 +127,17 @@ def tune(args: argparse.Namespace) -> int:
 def _print_tune(ws: Workspace, out: TuneOutcome, seconds: float) -> int:
     """The trials ranked, and the round's summary line; the exit code (130: interrupted, resumable)."""
     from aae_ray.tuning.runner import ranked
+    from aae_ray.tuning.selection import front
 
     spec, round_no = out.spec, out.round_no
-    print(f"{'trial':>10}  {'status':<10} {spec.metric:>9}  epochs  params")
-    for r in ranked(out.rows, spec)[:10]:
+    timed = spec.latency is not None
+    on_front = {r.trial_id for r in front(out.rows, spec)}
+    header = f"{'trial':>10}  {'status':<10} {spec.metric:>9}" + ("  ms/image front" if timed else "")
+    print(header + "  epochs  params")
+    for r in ranked(out.rows, spec)[:10 if not timed else len(out.rows)]:
         params = " ".join(f"{k}={short(v)}" for k, v in r.params.items())
-        print(f"{r.trial_id:>10}  {r.status:<10} {metric(r.metric):>9}  {r.epochs:>6}  {params}"
+        latency = (f"  {metric(r.ms_per_image, 3):>8} {'*' if r.trial_id in on_front else '':>5}" if timed else "")
+        print(f"{r.trial_id:>10}  {r.status:<10} {metric(r.metric):>9}{latency}  {r.epochs:>6}  {params}"
               + (f"  ({r.error})" if r.error else ""))
     counts = Counter(r.status for r in out.rows)
     tally = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
@@ -140,7 +146,7 @@ def _print_tune(ws: Workspace, out: TuneOutcome, seconds: float) -> int:
               f"resume with: aae-ray tune {ws.root} --resume")
         return 130
     if out.best is None:
-        raise RuntimeError(f"no trial finished ({tally}); see the errors above and {out.experiment}")
+        raise RuntimeError(f"{out.no_choice} ({tally}); see the trials above and {out.experiment}")
     m = out.metrics
     cur = ws.current()
     promoted = "promoted" if cur and cur["round"] == round_no else f"not promoted (round {cur['round']} is current)"
@@ -150,6 +156,12 @@ def _print_tune(ws: Workspace, out: TuneOutcome, seconds: float) -> int:
           f"{out.best.trial_id} {spec.metric} {metric(out.best.metric)} on {source}, val AUROC "
           f"{metric(m['val_auroc'])}, test AUROC {metric(m['test_auroc'])}; model {ws.model_dir(round_no)} "
           f"{promoted}; report {out.report}")
+    if timed:
+        budget = spec.select.max_ms_per_image
+        print(f"latency: {out.best.trial_id} scores in {metric(out.best.ms_per_image, 3)} ms/image "
+              f"({out.best.latency_engine}, batch {spec.latency.batch_size}); "
+              + (f"the best {spec.metric} within {budget:g} ms" if budget else "no select.max_ms_per_image budget")
+              + f"; front: {len(on_front)} trials ({out.report}/pareto.png)")
     return 0
 
 
@@ -158,7 +170,8 @@ def _load_spec(args: argparse.Namespace):
     from aae_ray.tuning.spec import default_spec_path, load_spec
 
     return load_spec(args.config or default_spec_path(), num_samples=args.num_samples,
-                     max_concurrent=getattr(args, "max_concurrent", None))
+                     max_concurrent=getattr(args, "max_concurrent", None),
+                     max_ms_per_image=getattr(args, "max_ms_per_image", None))
 
 
 def score(args: argparse.Namespace) -> int:

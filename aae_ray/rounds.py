@@ -61,8 +61,11 @@ def run_round(ws: Workspace, spec, *, address: str | None = None, policy: str = 
     metrics = _search(ws, spec, round_no, current, address, echo) if search else {}
     seconds = {"search": time.perf_counter() - t0}
     first = current is None or current["round"] == round_no  # run_tune promoted it: nothing was current
-    warm_dir = None if first else _warm_candidate(ws, round_no, spec.round.warm_start_epochs, echo)
+    warm_dir = None if first else _warm_candidate(ws, round_no, spec, echo)
     if not search:  # the warm-started candidate is the round's only one
+        if warm_dir is None:
+            raise RuntimeError(f"round {round_no}: the warm-started candidate is over the latency budget and "
+                               f"round.search is false: there is no candidate (search, or raise the budget)")
         os.replace(warm_dir, ws.model_dir(round_no))
         warm_dir, metrics = None, artifacts.read_metrics(ws.model_dir(round_no))
     seconds["warm_start"] = time.perf_counter() - t0 - seconds["search"]
@@ -159,9 +162,11 @@ SEARCH_MODEL = "search_model"  # where the search's best stays when the warm-sta
 WARM_MODEL = "warm_model"
 
 
-def _warm_candidate(ws: Workspace, round_no: int, epochs: int, echo: Echo) -> Path | None:
-    """The promoted model fine-tuned for `epochs` on today's training data (its labels included), saved beside
-    the round's model; None when warm starts are off."""
+def _warm_candidate(ws: Workspace, round_no: int, spec, echo: Echo) -> Path | None:
+    """The promoted model fine-tuned for round.warm_start_epochs on today's training data (its labels included),
+    saved beside the round's model; None when warm starts are off, or when a latency budget is set and the
+    candidate, timed here as the search's trials were, is over it."""
+    epochs = spec.round.warm_start_epochs
     if epochs == 0:
         return None
     current = artifacts.load(ws.current_model_dir())
@@ -169,7 +174,25 @@ def _warm_candidate(ws: Workspace, round_no: int, epochs: int, echo: Echo) -> Pa
     folder = ws.round_dir(round_no) / WARM_MODEL
     echo(f"round {round_no}: warm start: round {ws.current()['round']}'s model fine-tuned for {epochs} epochs")
     train_round(ws, cfg, round_no=round_no, echo=lambda _: None, init=current, folder=folder)
+    budget = spec.select.max_ms_per_image
+    if budget is not None:
+        timing = _time_candidate(ws, folder, spec.latency)
+        if timing.ms_per_image > budget:
+            echo(f"round {round_no}: warm start left out: {timing.describe()}, over the {budget:g} ms budget")
+            shutil.rmtree(folder)
+            return None
     return folder
+
+
+def _time_candidate(ws: Workspace, folder: Path, latency):
+    """A candidate's scoring time as a latency search times its trials (aae_ray.latency), on the pool's images."""
+    from aae_ray.dataset import pool_arrays
+    from aae_ray.latency import time_scoring
+
+    size = artifacts.read_config(folder).input_size
+    X = pool_arrays(ws, size).X[: latency.images]
+    return time_scoring(folder, X, engine=latency.engine, batch_size=latency.batch_size, repeats=latency.repeats,
+                        threads=1)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from aae_ray.scoring import auroc, ranked_finite
 
@@ -270,6 +270,46 @@ def _metric_figure(values: list[float | None], best_so_far: bool, title: str, yl
 
 
 # --- shared --------------------------------------------------------------------------------------------------
+
+
+# --- AUROC x latency ---------------------------------------------------------------------------------------
+
+
+def pareto(ms: list[float], values: list[float], on_front: list[bool], chosen: int | None, budget: float | None,
+           path: Path, title: str, ylabel: str) -> Path:
+    """Each timed trial's metric against its scoring time (milliseconds per image, log axis: models differ by
+    factors), the front as a step line through its trials, the latency budget as a dashed line and the chosen
+    trial (index into the lists) ringed."""
+    return _save(_pareto_figure(ms, values, on_front, chosen, budget, title, ylabel), path)
+
+
+def _pareto_figure(ms: list[float], values: list[float], on_front: list[bool], chosen: int | None,
+                   budget: float | None, title: str, ylabel: str) -> Figure:
+    x, y, f = np.asarray(ms, np.float64), np.asarray(values, np.float64), np.asarray(on_front, bool)
+    if not (len(x) == len(y) == len(f)) or (len(x) and (x <= 0).any()):
+        raise ValueError("pareto: one positive time, one value and one front flag per trial")
+    fig, ax = _figure(title)
+    if len(x):
+        ax.scatter(x[~f], y[~f], s=22, color="tab:gray", zorder=3, label="trial")
+        order = np.argsort(x[f])
+        ax.plot(x[f][order], y[f][order], drawstyle="steps-post", marker="o", color="tab:blue", zorder=4,
+                label=f"front ({int(f.sum())} trials)")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 1, 2, 5, 10, 20 ... in plain numbers
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.text(0.5, 0.5, "no timed trials", ha="center", va="center", transform=ax.transAxes)
+    if budget is not None:
+        ax.axvline(budget, color="tab:red", linestyle="--", label=f"budget {budget:g} ms")
+    if chosen is not None:
+        ax.scatter([x[chosen]], [y[chosen]], s=160, facecolors="none", edgecolors="tab:green", linewidths=2,
+                   zorder=5, label="chosen")
+    ax.set_xlabel("scoring time (ms per image)")
+    ax.set_ylabel(ylabel)
+    if len(x) or budget is not None:
+        ax.legend(fontsize="small")
+    return fig
 
 
 def _check_labels(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -6,11 +6,15 @@ trusting the round's model.
     t2_histogram.png         T2 of normals and defects with the threshold and the F-distribution UCL
     importances.png          Optuna's parameter importances
     trials.png               every trial's final metric in order, and the best so far
+    pareto.png, pareto.json  a latency search's trials, metric against ms per image, the front, the budget and
+                             the chosen trial; the json lists the front's trials
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
@@ -19,12 +23,16 @@ from aae_ray import artifacts
 from aae_ray.dataset import Arrays, labeled_arrays
 from aae_ray.detector import Detector
 from aae_ray.tuning import report
-from aae_ray.tuning.spec import TuneSpec
-from aae_ray.workspace import Workspace
+from aae_ray.tuning.selection import front, usable
+from aae_ray.tuning.spec import LATENCY_METRIC, TuneSpec
+from aae_ray.workspace import Workspace, write_text
+
+if TYPE_CHECKING:
+    from aae_ray.tuning.runner import TrialRow
 
 
-def write_report(ws: Workspace, round_no: int, spec: TuneSpec, trial_values: list[float | None],
-                 study_storage: str, study_name: str, sweep: dict[float | str, Path]) -> Path:
+def write_report(ws: Workspace, round_no: int, spec: TuneSpec, rows: list[TrialRow], study_storage: str,
+                 study_name: str, sweep: dict[float | str, Path], chosen: TrialRow | None) -> Path:
     out = ws.round_dir(round_no) / "report"
     out.mkdir(parents=True, exist_ok=True)
     det = artifacts.load(ws.model_dir(round_no))
@@ -54,8 +62,26 @@ def write_report(ws: Workspace, round_no: int, spec: TuneSpec, trial_values: lis
                         f"{name} on {hist_split or 'val'} ({det.limit_.method} threshold)")
     study = optuna.load_study(study_name=study_name, storage=study_storage)
     report.importances(report.param_importances(study), out / "importances.png", "Parameter importances (Optuna)")
-    report.metric_by_trial(trial_values, True, out / "trials.png", "Trials in order", spec.metric)
+    report.metric_by_trial([r.metric for r in rows], True, out / "trials.png", "Trials in order", spec.metric)
+    if spec.latency is not None:
+        write_front(out, spec, rows, chosen)
     return out
+
+
+def write_front(out: Path, spec: TuneSpec, rows: list[TrialRow], chosen: TrialRow | None) -> None:
+    """pareto.png and pareto.json of a latency search (what `select.max_ms_per_image` chooses from)."""
+    timed, on_front = usable(rows, spec), front(rows, spec)
+    budget = spec.select.max_ms_per_image
+    lat = spec.latency
+    report.pareto([r.ms_per_image for r in timed], [r.metric for r in timed], [r in on_front for r in timed],
+                  timed.index(chosen) if chosen in timed else None, budget, out / "pareto.png",
+                  f"{spec.metric} x scoring time ({lat.engine}, batch {lat.batch_size})", spec.metric)
+    write_text(out / "pareto.json", json.dumps({
+        "metric": spec.metric, "max_ms_per_image": budget, "engine": lat.engine, "batch_size": lat.batch_size,
+        "chosen": chosen.trial_id if chosen else None, "timed_trials": len(timed),
+        "front": [{"trial": r.trial_id, spec.metric: r.metric, LATENCY_METRIC: r.ms_per_image,
+                   "latency_engine": r.latency_engine, "params": r.params} for r in on_front]},
+        indent=2, default=str) + "\n")
 
 
 def _both_classes(a: Arrays) -> bool:

@@ -1,4 +1,6 @@
 """Run a round's search: Ray Tune runs the trials, Optuna (TPE) picks their configs, ASHA stops weak ones.
+With `latency:` in the spec, Optuna searches AUROC and the scoring time per image together (no ASHA), and the
+round's model is the best AUROC within `select.max_ms_per_image` (aae_ray.tuning.selection).
 
     outcome = run_tune(ws, spec, round_no=0)       # WS/rounds/r000/tune/ holds the (resumable) experiment
 
@@ -42,7 +44,8 @@ from aae_ray.formatting import metric  # noqa: E402
 from aae_ray.train import evaluate, fingerprint_ids, threshold_metrics  # noqa: E402
 from aae_ray.tuning.atomic_fs import atomic_local_filesystem  # noqa: E402
 from aae_ray.tuning.round_report import write_report  # noqa: E402
-from aae_ray.tuning.spec import TuneSpec, parse_spec  # noqa: E402
+from aae_ray.tuning.selection import choose, front, why_none  # noqa: E402
+from aae_ray.tuning.spec import LATENCY_METRIC, TuneSpec, parse_spec, with_budget  # noqa: E402
 from aae_ray.tuning.trainable import train_trial  # noqa: E402
 from aae_ray.tuning.trial_data import TrialData, build_trial_data  # noqa: E402
 from aae_ray.workspace import Workspace, write_text  # noqa: E402
@@ -69,6 +72,8 @@ class TrialRow:
     params: dict[str, Any]
     error: str | None = None
     checkpoint: Path | None = None
+    ms_per_image: float | None = None  # a latency search's second objective (aae_ray.latency)
+    latency_engine: str | None = None  # what scored when it was timed: torch or onnxruntime
 
 
 @dataclass
@@ -82,6 +87,7 @@ class TuneOutcome:
     objective_source: str = "val"
     report: Path | None = None
     spec: TuneSpec | None = None
+    no_choice: str | None = None  # why no trial became the round's model, where none did
 
 
 def study_name(round_no: int) -> str:
@@ -117,7 +123,10 @@ def resumed_round(ws: Workspace) -> int:
 
 
 def run_tune(ws: Workspace, spec: TuneSpec | None, *, round_no: int, address: str | None = None, resume: bool = False,
-             initial_points: list[dict[str, Any]] | None = None, echo: Echo = print) -> TuneOutcome:
+             initial_points: list[dict[str, Any]] | None = None, max_ms_per_image: float | None = None,
+             echo: Echo = print) -> TuneOutcome:
+    """`max_ms_per_image` with `resume`: choose again from the finished trials under this budget (a new run
+    takes its budget from the spec)."""
     exp = experiment_dir(ws, round_no)
     if resume and not restorable(exp):
         raise TuneError(f"nothing to resume: no tune experiment in {exp}")
@@ -125,7 +134,8 @@ def run_tune(ws: Workspace, spec: TuneSpec | None, *, round_no: int, address: st
         raise TuneError(f"round {round_no} already has a tune experiment in {exp}; "
                         f"pass --resume to continue it, or remove that folder to start over")
     if resume:  # the trials in the experiment were sampled from the spec the round started with
-        spec = parse_spec(json.loads((exp.parent / SPEC_FILE).read_text()), where=str(exp.parent / SPEC_FILE))
+        saved = json.loads((exp.parent / SPEC_FILE).read_text())
+        spec = parse_spec(with_budget(saved, max_ms_per_image), where=str(exp.parent / SPEC_FILE))
     elif spec is None:
         raise TuneError("a new tuning run needs a spec")
     start = time.perf_counter()
@@ -140,7 +150,7 @@ def run_tune(ws: Workspace, spec: TuneSpec | None, *, round_no: int, address: st
             shutil.rmtree(exp)
         exp.mkdir(parents=True)
         write_text(exp.parent / SPEC_FILE, json.dumps(spec.model_dump(by_alias=True, exclude_none=True), indent=2))
-    trainable = tune.with_resources(tune.with_parameters(train_trial, data=data),
+    trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, latency=spec.latency),
                                     {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if resume:
         echo(f"resuming {exp}")
@@ -151,16 +161,24 @@ def run_tune(ws: Workspace, spec: TuneSpec | None, *, round_no: int, address: st
     grid = tuner.fit()
     rows = _rows(grid, spec)
     interrupted = any(r.status == "unfinished" for r in rows) or len(rows) < spec.num_samples
-    outcome = TuneOutcome(round_no, exp, rows, _best(rows, spec), interrupted=interrupted,
-                          objective_source=data.objective_source, spec=spec)
+    best = choose(rows, spec)
+    outcome = TuneOutcome(round_no, exp, rows, best, interrupted=interrupted, objective_source=data.objective_source,
+                          spec=spec, no_choice=None if best else why_none(rows, spec))
     if outcome.best is not None and not interrupted:
+        before = _exported_trial(ws, round_no)
         outcome.metrics = export_best(ws, outcome, data, spec)
-        if ws.current() is None:
+        current = ws.current()
+        if current is None:
             ws.promote(round_no, f"aae-ray tune: best of {len(rows)} trials, nothing promoted before")
+        elif current["round"] == round_no and before not in (None, best.trial_id):
+            # --resume under a new budget chose another trial for the served round: a new pointer is what makes
+            # a running endpoint load it
+            ws.promote(round_no, f"aae-ray tune --resume: trial {best.trial_id} chosen from the round's "
+                       f"{len(rows)} trials (was {before})" + _budget_words(spec))
         sweep = (sweep_anomaly_ratio(ws, spec, outcome, trainable, int(data.y.sum()), echo)
                  if spec.report.anomaly_ratio_sweep else {})
-        outcome.report = write_report(ws, round_no, spec, [r.metric for r in rows],
-                                      f"sqlite:///{exp / STUDY_FILE}", study_name(round_no), sweep)
+        outcome.report = write_report(ws, round_no, spec, rows, f"sqlite:///{exp / STUDY_FILE}",
+                                      study_name(round_no), sweep, best)
     write_text(exp.parent / "tune_summary.json", _summary_json(outcome, spec, time.perf_counter() - start))
     return outcome
 
@@ -176,21 +194,32 @@ def _new_tuner(spec: TuneSpec, trainable, exp: Path, round_no: int, initial_poin
               if all(k in p and dim.contains(p[k]) for k, dim in spec.space.items())]
     if len(points) < len(initial_points):
         echo(f"{len(initial_points) - len(points)} start point(s) left out: outside this spec's space")
+    # Several objectives go to the searcher as lists; Tune itself then has no single metric (and no ASHA: the
+    # spec refuses it), so the trial rows are ranked and chosen here (aae_ray.tuning.selection).
+    multi = spec.latency is not None
     searcher = OptunaSearch(sampler=sampler, study_name=study_name(round_no), storage=storage,
-                            points_to_evaluate=points or None)
+                            points_to_evaluate=points or None, metric=spec.objectives if multi else None,
+                            mode=spec.modes if multi else None)
     if spec.scheduler.asha:
         max_t = spec.max_epochs
         scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=min(spec.scheduler.grace_period, max_t),
                                   reduction_factor=spec.scheduler.reduction_factor)
     else:
         scheduler = FIFOScheduler()
+    if multi:
+        lat = spec.latency
+        budget = spec.select.max_ms_per_image
+        echo(f"objectives: {spec.metric} ({spec.mode}) and {LATENCY_METRIC} (min; {lat.engine} engine, batch "
+             f"{lat.batch_size}, on each trial's own CPUs/GPU); the model: the best {spec.metric}"
+             + (f" within {budget:g} ms/image" if budget else ", however slow (no select.max_ms_per_image)"))
     echo(f"search: {s.algorithm} over {', '.join(spec.space) or 'nothing'}; {spec.num_samples} trials, "
          f"{spec.max_concurrent} at once, {spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU each; "
          f"study: optuna-dashboard sqlite:///{exp / STUDY_FILE}")
     return tune.Tuner(
         trainable,
         param_space={**spec.base_config(), **spec.param_space()},
-        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=None if multi else spec.metric, mode=None if multi else spec.mode,
+                                    search_alg=searcher, scheduler=scheduler,
                                     num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent,
                                     reuse_actors=True),
         run_config=tune.RunConfig(
@@ -213,8 +242,10 @@ class ProgressLines(tune.Callback):
         if value is not None and (self.best is None or _better(value, self.best, self.spec.mode)):
             self.best = value
         running = sum(t.status == "RUNNING" for t in trials)
+        ms = result.get(LATENCY_METRIC)
+        timed = f"  {ms:.3g} ms/image" if ms is not None else ""
         self.echo(f"  {trial.trial_id:>14}  epoch {result.get('epoch', '?')}/{trial.config.get('epochs', '?')}  "
-                  f"{self.spec.metric} {metric(value, 4)}  best {metric(self.best, 4)}  "
+                  f"{self.spec.metric} {metric(value, 4)}{timed}  best {metric(self.best, 4)}  "
                   f"[{self.done}/{self.spec.num_samples} done, {running} running]  {_short(trial.config, self.spec)}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -223,6 +254,17 @@ class ProgressLines(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.done += 1
         self.echo(f"  {trial.trial_id:>14}  FAILED: {_error_line(trial.error_file)}")
+
+
+def _exported_trial(ws: Workspace, round_no: int) -> str | None:
+    """The trial whose model the round holds, if it holds one."""
+    folder = ws.model_dir(round_no)
+    return artifacts.read_metrics(folder).get("trial") if (folder / "metrics.json").exists() else None
+
+
+def _budget_words(spec: TuneSpec) -> str:
+    budget = spec.select.max_ms_per_image
+    return f", the best {spec.metric} within {budget:g} ms/image" if budget is not None else ""
 
 
 def export_best(ws: Workspace, outcome: TuneOutcome, data: TrialData, spec: TuneSpec) -> dict[str, Any]:
@@ -236,6 +278,10 @@ def export_best(ws: Workspace, outcome: TuneOutcome, data: TrialData, spec: Tune
         "objective_source": outcome.objective_source, **threshold_metrics(det),
         "n_train": trial_metrics.get("n_train"), "n_defects_mixed": trial_metrics.get("n_defects_mixed"),
         "train_images_per_s": trial_metrics.get("images_per_s"), "config": det.config.model_dump()}
+    if spec.latency is not None:  # as the trial measured it, on the trial's hardware
+        metrics.update({LATENCY_METRIC: best.ms_per_image, "latency_engine": best.latency_engine,
+                        "latency_batch_size": spec.latency.batch_size,
+                        "max_ms_per_image": spec.select.max_ms_per_image})
     target = ws.model_dir(outcome.round_no)
     if target.exists():
         shutil.rmtree(target)
@@ -295,17 +341,10 @@ def _rows(grid, spec: TuneSpec) -> list[TrialRow]:
         else:
             status = "unfinished"
         params = {k: result.config.get(k) for k in spec.space}
-        value = m.get(spec.metric)
+        value, ms = m.get(spec.metric), m.get(LATENCY_METRIC)
         rows.append(TrialRow(trial_id, status, value if _finite(value) else None, epochs, params,
-                             _error_text(result.error), ckpt))
+                             _error_text(result.error), ckpt, ms if _finite(ms) else None, m.get("latency_engine")))
     return rows
-
-
-def _best(rows: list[TrialRow], spec: TuneSpec) -> TrialRow | None:
-    usable = [r for r in rows if r.status == "complete" and r.metric is not None and r.checkpoint is not None]
-    if not usable:
-        return None
-    return max(usable, key=lambda r: r.metric if spec.mode == "max" else -r.metric)
 
 
 def ranked(rows: list[TrialRow], spec: TuneSpec) -> list[TrialRow]:
@@ -324,11 +363,18 @@ def _summary_json(outcome: TuneOutcome, spec: TuneSpec, seconds: float) -> str:
         "round": outcome.round_no, "experiment": str(outcome.experiment), "metric": spec.metric, "mode": spec.mode,
         "objective_source": outcome.objective_source, "interrupted": outcome.interrupted, "seconds": round(seconds, 1),
         "trials": counts, "best": None if best is None else {"trial": best.trial_id, spec.metric: best.metric,
-                                                             "params": best.params},
+                                                             LATENCY_METRIC: best.ms_per_image, "params": best.params},
+        "no_choice": outcome.no_choice, "max_ms_per_image": spec.select.max_ms_per_image,
         "val_auroc": outcome.metrics.get("val_auroc"), "test_auroc": outcome.metrics.get("test_auroc"),
-        "top": [{"trial": r.trial_id, "status": r.status, spec.metric: r.metric, "epochs": r.epochs,
-                 "params": r.params, "error": r.error} for r in ranked(outcome.rows, spec)],
+        "pareto": [_row_json(r, spec) for r in front(outcome.rows, spec)],
+        "top": [_row_json(r, spec) for r in ranked(outcome.rows, spec)],
     }, indent=2, default=str)
+
+
+def _row_json(r: TrialRow, spec: TuneSpec) -> dict[str, Any]:
+    timed = {LATENCY_METRIC: r.ms_per_image, "latency_engine": r.latency_engine} if spec.latency else {}
+    return {"trial": r.trial_id, "status": r.status, spec.metric: r.metric, **timed, "epochs": r.epochs,
+            "params": r.params, "error": r.error}
 
 
 def _cluster_line() -> str:

@@ -11,6 +11,8 @@
       lr: {loguniform: [1.0e-4, 3.0e-3]}
       anomaly_ratio: {choice: [0, 0.005, 0.01]}
     fixed: {epochs: 5}           # AAEConfig fields every trial shares
+    latency: {batch_size: 1}     # optional: AUROC x scoring time, Optuna's multi-objective search (no ASHA)
+    select: {max_ms_per_image: 2.0}   # with latency: the best metric among trials under this budget
 
 A bad file gets one line that names the key and what is wrong (`SpecError`, a `ConfigError`).
 """
@@ -123,6 +125,26 @@ class Round(_Strict):
         return self
 
 
+class Latency(_Strict):
+    """An AUROC x latency search: each finished trial is also timed scoring on the trial's own hardware
+    (aae_ray.latency: milliseconds per image, the median of `repeats` passes over `images` of the objective's
+    images in calls of `batch_size`), and Optuna searches both objectives, the metric up and the time down."""
+
+    engine: Literal["auto", "torch", "onnx"] = "auto"  # auto: what `aae-ray serve` would score the model with
+    batch_size: int = Field(1, ge=1, le=4096)  # images a call: 1 is a line sending each part as it passes
+    images: int = Field(64, ge=1, le=100_000)
+    repeats: int = Field(3, ge=1, le=100)
+
+
+class Select(_Strict):
+    # The round's model: the best metric among the trials that score within this many milliseconds an image
+    # (None: the best metric, however slow). Needs `latency` (only then are trials timed).
+    max_ms_per_image: float | None = Field(None, gt=0)
+
+
+LATENCY_METRIC = "ms_per_image"  # what a timed trial reports beside the metric
+
+
 class TuneSpec(_Strict):
     metric: Literal["val_auroc", "val_auprc"] = "val_auroc"
     mode: Literal["max", "min"] = "max"
@@ -136,6 +158,26 @@ class TuneSpec(_Strict):
     round: Round = Round()
     space: dict[str, Dimension] = Field(default_factory=dict)
     fixed: dict[str, Any] = Field(default_factory=dict)
+    latency: Latency | None = None
+    select: Select = Select()
+
+    @model_validator(mode="after")
+    def _latency_rules(self) -> TuneSpec:
+        if self.latency is not None and self.scheduler.asha:
+            raise ValueError("a latency search cannot use ASHA (it stops trials on one metric): set "
+                             "scheduler: {asha: false}, or leave scheduler out")
+        if self.select.max_ms_per_image is not None and self.latency is None:
+            raise ValueError("select.max_ms_per_image needs latency: {...}: trials are timed only in a latency search")
+        return self
+
+    @property
+    def objectives(self) -> list[str]:
+        """What Optuna optimises: the metric, and with `latency` the scoring time too."""
+        return [self.metric] + ([LATENCY_METRIC] if self.latency is not None else [])
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.mode] + (["min"] if self.latency is not None else [])
 
     @property
     def threads_per_trial(self) -> int:
@@ -162,7 +204,10 @@ class TuneSpec(_Strict):
 
 
 def parse_spec(values: dict[str, Any], where: str = "tune config") -> TuneSpec:
-    """Validate a mapping into a TuneSpec, then check every searched and fixed field against AAEConfig."""
+    """Validate a mapping into a TuneSpec, then check every searched and fixed field against AAEConfig.
+    A latency search that says nothing of the scheduler gets none (ASHA would judge on the metric alone)."""
+    if isinstance(values.get("latency"), dict) and "scheduler" not in values:
+        values = {**values, "scheduler": {"asha": False}}
     try:
         spec = TuneSpec(**values)
     except ValidationError as exc:
@@ -198,8 +243,17 @@ def default_spec_path() -> Path:
     return Path(__file__).resolve().parents[2] / "tune_configs" / "default.yaml"
 
 
-def load_spec(path: Path, **overrides: Any) -> TuneSpec:
-    """Read a YAML spec; keyword overrides (e.g. num_samples from the command line) replace top-level keys."""
+def load_spec(path: Path, *, max_ms_per_image: float | None = None, **overrides: Any) -> TuneSpec:
+    """Read a YAML spec; keyword overrides (e.g. num_samples from the command line) replace top-level keys,
+    `max_ms_per_image` the latency budget of `select`."""
     values = read_yaml_mapping(path)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return parse_spec(values, where=str(path))
+    return parse_spec(with_budget(values, max_ms_per_image), where=str(path))
+
+
+def with_budget(values: dict[str, Any], max_ms_per_image: float | None) -> dict[str, Any]:
+    """A spec mapping whose select budget is `max_ms_per_image` (unchanged where None): choosing from a finished
+    search's trials changes nothing that sampled them, so `--resume` takes a new budget too."""
+    if max_ms_per_image is None:
+        return values
+    return {**values, "select": {**(values.get("select") or {}), "max_ms_per_image": max_ms_per_image}}

@@ -3,7 +3,8 @@
 Lives in the installed package because Ray workers import trainables by module name.
 Every epoch but the last reports a quick objective (T2 fitted on up to 2,000 training normals with the
 model as it is); ASHA stops weak trials on it. The last epoch reports the finished detector's objective
-(precise BatchNorm, calibrated threshold) together with the model artifact as the trial's checkpoint.
+(precise BatchNorm, calibrated threshold) together with the model artifact as the trial's checkpoint; in a
+latency search (`latency` given), with its scoring time per image too, measured here, on the trial's hardware.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from ray import tune
 from aae_ray import artifacts, scoring
 from aae_ray.config import validate
 from aae_ray.detector import Detector
+from aae_ray.latency import time_scoring
 from aae_ray.train import trained_ids
-from aae_ray.training_loop import EpochLog, TrainingDiverged, limit_threads
+from aae_ray.training_loop import EpochLog, TrainingDiverged, limit_threads, resolve_device
+from aae_ray.tuning.spec import LATENCY_METRIC, Latency
 from aae_ray.tuning.trial_data import TrialData
 
 QUICK_FIT_IMAGES = 2000
@@ -34,7 +37,7 @@ DIVERGED_MARKER = "diverged.txt"
 INJECT_NAN_ENV = "AAE_RAY_INJECT_NAN"
 
 
-def train_trial(params: dict[str, Any], data: TrialData) -> None:
+def train_trial(params: dict[str, Any], data: TrialData, latency: Latency | None = None) -> None:
     if tune.get_checkpoint() is not None:
         # Only the last epoch saves a model, so a trial restored with one had finished (a resume after a kill
         # that landed just as it reported): Tune keeps its last result, training again would only repeat it.
@@ -62,7 +65,8 @@ def train_trial(params: dict[str, Any], data: TrialData) -> None:
         # The model as it is: its statistics on a few normals (fewer for a native score, which needs them only
         # for the reported T2, and whose model may cost a latent search an image: AnoGAN)
         det.fit_statistics(quick_normals[:QUICK_NATIVE_IMAGES] if det.primary_ == "native" else quick_normals)
-        tune.report({**_objective(det, obj_X, obj_y, data.objective_source), **_epoch_metrics(log)})
+        untimed = {LATENCY_METRIC: None} if latency is not None else {}  # Tune wants every objective's key
+        tune.report({**_objective(det, obj_X, obj_y, data.objective_source), **_epoch_metrics(log), **untimed})
 
     try:
         det.fit(X, y, known=data.known, X_calibration=data.calibration_X[cfg.input_size], on_epoch=on_epoch)
@@ -74,6 +78,8 @@ def train_trial(params: dict[str, Any], data: TrialData) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         artifacts.save(det, Path(tmp), {"trial": tune.get_context().get_trial_id(), **final},
                        trained_on=trained_ids(data.fingerprint_ids, det))
+        if latency is not None:  # the saved artifact, as `aae-ray serve` would load and score it
+            final.update(_timed(Path(tmp), obj_X, latency, cfg.num_threads, str(resolve_device(cfg))))
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -82,6 +88,12 @@ def _objective(det: Detector, X: np.ndarray, y: np.ndarray, source: str) -> dict
     if not np.isfinite(t2).all():
         raise TrainingDiverged("T2 of the objective images is not finite: the codes collapsed or blew up")
     return {"val_auroc": scoring.auroc(y, t2), "val_auprc": scoring.auprc(y, t2), "objective_source": source}
+
+
+def _timed(model_dir: Path, X: np.ndarray, latency: Latency, threads: int, device: str) -> dict[str, Any]:
+    t = time_scoring(model_dir, X[: latency.images], engine=latency.engine, batch_size=latency.batch_size,
+                     repeats=latency.repeats, threads=max(1, threads), device=device)
+    return {LATENCY_METRIC: t.ms_per_image, "latency_engine": t.engine, "latency_passes_ms": list(t.passes_ms)}
 
 
 def _epoch_metrics(log: EpochLog) -> dict[str, Any]:
