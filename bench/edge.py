@@ -3,18 +3,23 @@ torch, and what do the edge scorer's install and cold start cost?
 
 - `max_rel_diff`: every exportable family trained briefly (2 epochs: the comparison is of arithmetic, not of
   accuracy) on the synthetic joints at 32x32, and the default AAE on Fashion-MNIST class 0, exported with
-  `aae-ray export`; the largest relative difference of each output, ONNX Runtime against the Detector, on up to
-  512 of the workspace's test and pool images (what the exporter itself checks).
+  `aae-ray export`; the largest relative difference of each output, ONNX Runtime against the Detector, on every
+  one of the workspace's test and pool images (the exporter itself checks up to 512 of them).
 - `speedup`: the default AAE (one epoch) at 32x32 and 64x64; images/s of `Detector.score(maps=False)` (torch, 2
   threads) against the ONNX graph in ONNX Runtime (2 intra-op threads, every output of the graph computed, the
   heat map included) at batch 1 and batch 64, the two taking turns, medians of --repeats.
 - `edge_install_s`: a fresh venv with `pip install onnxruntime pillow numpy` and this package without its
   dependencies (`pip install --no-deps .`), the edge scorer's whole install; `edge_cold_start_s`: `aae-ray-edge
   MODEL_DIR IMAGE` in a new process, median of 3.
+- `pareto`: a multi-objective round (tune_configs/latency.yaml: AUROC up, scoring ms per image down, each trial
+  timed on its own CPU while the other trial trains) on synthetic joints, per --seeds; the front's trials with
+  their val and test AUROC; then a budget (the median of the front's times) chosen from with `--resume
+  --max-ms-per-image`, and every front model and the chosen one re-timed alone (nothing else running, median of
+  7 passes): does the chosen model meet the budget it was chosen under?
 
-    python bench/edge.py [--repeats 3] [--parts diff,speed,install] [--out bench/results]
+    python bench/edge.py [--repeats 3] [--parts diff,speed,install,pareto] [--seeds 0,1] [--out bench/results]
 
-Target: ONNX Runtime >= 1.5x torch at batch 1.
+Targets: ONNX Runtime >= 1.5x torch at batch 1; a front of >= 3 trials; the chosen model within its budget.
 """
 
 from __future__ import annotations
@@ -54,7 +59,6 @@ def workspace(tmp: Path, name: str, *init) -> Path:
 
 
 def part_diff(tmp: Path) -> dict:
-    from aae_ray.export import export_workspace
     from aae_ray.workspace import Workspace
 
     out = {}
@@ -63,16 +67,31 @@ def part_diff(tmp: Path) -> dict:
                            "--size", "32")
         cli("train", joints, "--epochs", "2", "--no-progress", "--set", f"family={family}",
             *(["--set", "pretrain_epochs=1"] if family == "deepsad" else []))
-        ws = Workspace.open(joints)
-        e = export_workspace(ws, out=tmp / f"onnx-{family}")
-        out[f"joints/{family}"] = e.max_rel_diff | {"images": e.n_checked}
-        print(f"diff joints/{family}: {e.max_rel_diff}", flush=True)
+        out[f"joints/{family}"] = _diff_everywhere(Workspace.open(joints), tmp / f"onnx-{family}")
+        print(f"diff joints/{family}: {out[f'joints/{family}']}", flush=True)
     fm = workspace(tmp, "fmnist", "--source", "fashion-mnist", "--normal-class", "0")
     cli("train", fm, "--epochs", "1", "--no-progress")
-    e = export_workspace(Workspace.open(fm), out=tmp / "onnx-fmnist")
-    out["fashion-mnist0/aae"] = e.max_rel_diff | {"images": e.n_checked}
-    print(f"diff fashion-mnist0/aae: {e.max_rel_diff}", flush=True)
+    out["fashion-mnist0/aae"] = _diff_everywhere(Workspace.open(fm), tmp / "onnx-fmnist")
+    print(f"diff fashion-mnist0/aae: {out['fashion-mnist0/aae']}", flush=True)
     return out
+
+
+def _diff_everywhere(ws, folder: Path) -> dict:
+    """Export (checked by the exporter on up to 512 images), then compare on the whole test split and pool, in
+    chunks (ONNX Runtime's activations for tens of thousands of images at once would not fit)."""
+    from aae_ray import artifacts
+    from aae_ray.dataset import labeled_arrays, pool_arrays
+    from aae_ray.export import compare, export_workspace
+
+    e = export_workspace(ws, out=folder)
+    det = artifacts.load(ws.current_model_dir())
+    size = det.config.input_size
+    X = np.concatenate([labeled_arrays(ws, "test", size).X, pool_arrays(ws, size).X])
+    worst: dict[str, float] = {}
+    for i in range(0, len(X), 2048):
+        for k, v in compare(det, e.folder / "model.onnx", X[i : i + 2048]).items():
+            worst[k] = max(worst.get(k, 0.0), v)
+    return worst | {"images": len(X), "exporter_checked": e.n_checked}
 
 
 def part_speed(tmp: Path, repeats: int) -> dict:
@@ -141,6 +160,61 @@ def part_install(tmp: Path, model_dir: Path) -> dict:
             "venv_mb": size / 2**20}
 
 
+def part_pareto(tmp: Path, seeds: list[int]) -> dict:
+    """A latency round per seed on synthetic joints; its front, a budget chosen from, and the models re-timed."""
+    from aae_ray import artifacts
+    from aae_ray.dataset import pool_arrays
+    from aae_ray.train import evaluate
+    from aae_ray.tuning.runner import run_tune
+    from aae_ray.tuning.selection import front
+    from aae_ray.tuning.spec import load_spec
+    from aae_ray.workspace import Workspace
+
+    runs = []
+    for seed in seeds:
+        root = workspace(tmp, f"pareto{seed}", "--source", "synthetic", "--n-normal", "400", "--n-defect", "40",
+                         "--size", "64", "--seed", str(seed))
+        ws = Workspace.open(root)
+        spec = load_spec(ROOT / "tune_configs" / "latency.yaml", num_samples=N_PARETO_TRIALS)
+        spec = spec.model_copy(update={"searcher": spec.searcher.model_copy(update={"seed": seed})})
+        t0 = time.perf_counter()
+        first = run_tune(ws, spec, round_no=0, echo=lambda _: None)
+        search_s = time.perf_counter() - t0
+        on_front = front(first.rows, spec)
+        budget = float(np.median([r.ms_per_image for r in on_front]))
+        chosen = run_tune(ws, None, round_no=0, resume=True, max_ms_per_image=budget, echo=lambda _: None).best
+        X = {s: pool_arrays(ws, s).X[: spec.latency.images] for s in (32, 64)}
+        rows = []
+        for r in on_front:
+            m = evaluate(ws, artifacts.load(r.checkpoint))
+            rows.append({"trial": r.trial_id, "val_auroc": r.metric, "test_auroc": m["test_auroc"],
+                         "ms_per_image_in_trial": r.ms_per_image,
+                         "ms_per_image_alone": _alone(r.checkpoint, X, spec.latency),
+                         "engine": r.latency_engine, "params": r.params})
+        retimed = _alone(ws.model_dir(0), X, spec.latency)
+        complete = sum(r.status == "complete" for r in first.rows)
+        runs.append({"seed": seed, "trials": len(first.rows), "complete": complete, "search_s": search_s,
+                     "front": rows, "budget_ms": budget, "chosen": chosen.trial_id,
+                     "chosen_ms_in_trial": chosen.ms_per_image, "chosen_ms_retimed": retimed,
+                     "meets_budget": retimed <= budget, "unconstrained_best": first.best.trial_id})
+        print(f"pareto seed {seed}: front {len(rows)} trials, budget {budget:.3g} ms -> {chosen.trial_id} "
+              f"({chosen.ms_per_image:.3g} ms in its trial, {retimed:.3g} ms alone)", flush=True)
+    return {"spec": "tune_configs/latency.yaml", "trials_per_seed": N_PARETO_TRIALS, "runs": runs}
+
+
+N_PARETO_TRIALS = 10
+
+
+def _alone(folder: Path, X: dict[int, np.ndarray], latency) -> float:
+    """A model's scoring time with nothing else running, timed as its trial timed it but over 7 passes."""
+    from aae_ray import artifacts
+    from aae_ray.latency import time_scoring
+
+    size = artifacts.read_config(folder).input_size
+    return time_scoring(folder, X[size], engine=latency.engine, batch_size=latency.batch_size, repeats=7,
+                        threads=1).ms_per_image
+
+
 def markdown(doc: dict) -> str:
     lines = ["# To the edge (`python bench/edge.py`)", "", f"Machine: {doc['machine']}  ",
              f"Code: {doc['commit']}, {doc['seconds']} s.", ""]
@@ -162,13 +236,35 @@ def markdown(doc: dict) -> str:
                   f"without dependencies): **{doc['edge_install_s']:.1f} s**, {doc['venv_mb']:.0f} MB; cold start of "
                   f"`aae-ray-edge MODEL IMAGE` (a new process, one image): **{doc['edge_cold_start_s']:.2f} s** "
                   "(median of 3).", ""]
+    if "pareto" in doc:
+        lines += _pareto_markdown(doc["pareto"])
     return "\n".join(lines) + "\n"
+
+
+def _pareto_markdown(p: dict) -> list[str]:
+    lines = [f"## AUROC x latency: a multi-objective round ({p['spec']}, {p['trials_per_seed']} trials a seed)", "",
+             "Synthetic joints at 64x64 (400 normal, 40 defect); times are ms per image at batch 1 on one thread; "
+             "'in trial': measured by the trial while the other trial trained; 'alone': re-timed afterwards, "
+             "nothing else running, median of 7 passes.", ""]
+    for run in p["runs"]:
+        lines += [f"Seed {run['seed']}: {run['complete']}/{run['trials']} trials finished in {run['search_s']:.0f} s; "
+                  f"front of **{len(run['front'])}** trials:", "",
+                  "| trial | val AUROC | test AUROC | ms in trial | ms alone | engine | params |", "|---" * 7 + "|"]
+        lines += [f"| {r['trial']}{' (chosen)' if r['trial'] == run['chosen'] else ''} | {r['val_auroc']:.3f} | "
+                  f"{r['test_auroc']:.3f} | {r['ms_per_image_in_trial']:.3g} | {r['ms_per_image_alone']:.3g} | "
+                  f"{r['engine']} | {' '.join(f'{k}={v}' for k, v in r['params'].items())} |" for r in run["front"]]
+        lines += ["", f"Budget {run['budget_ms']:.3g} ms (the front's median) -> {run['chosen']} "
+                  f"({run['chosen_ms_in_trial']:.3g} ms in its trial, **{run['chosen_ms_retimed']:.3g} ms re-timed**:"
+                  f" {'meets' if run['meets_budget'] else 'MISSES'} the budget); without a budget: "
+                  f"{run['unconstrained_best']}.", ""]
+    return lines
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--parts", default="diff,speed,install")
+    ap.add_argument("--parts", default="diff,speed,install,pareto")
+    ap.add_argument("--seeds", default="0,1", help="pareto: one latency round per seed")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     parts = args.parts.split(",")
@@ -184,6 +280,8 @@ def main() -> int:
                 doc["speedup"] = {k: v for k, v in speed.items() if not k.startswith("model_dir")}
             if "install" in parts:
                 doc.update(part_install(tmp, Path(speed["model_dir_32"])))
+        if "pareto" in parts:
+            doc["pareto"] = part_pareto(tmp, [int(s) for s in args.seeds.split(",")])
     doc["seconds"] = round(time.perf_counter() - t0)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "edge.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")

@@ -94,7 +94,7 @@ def test_the_warm_start_begins_from_the_promoted_weights(scored_copy, monkeypatc
         return real_fit(model, *args, **kwargs)
 
     monkeypatch.setattr(aae_ray.detector, "fit_model", spy)
-    folder = rounds._warm_candidate(ws, 1, 1, echo=lambda _: None)
+    folder = rounds._warm_candidate(ws, 1, parse_spec({"round": {"warm_start_epochs": 1}}), echo=lambda _: None)
     assert seen["equal"] is True
     warm = artifacts.load(folder)
     assert warm.config.epochs == 1 and any(
