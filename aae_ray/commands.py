@@ -444,3 +444,9 @@ def _print_tune_summary(t: dict) -> None:
     source = "val" if t["objective_source"] == "val" else "synthetic corruptions"
     print(f"    tune: {total} trials ({tally}), best {best.get('trial', 'none')} {t['metric']} "
           f"{metric(best.get(t['metric']))} on {source}" + (" [interrupted: --resume]" if t["interrupted"] else ""))
+    if t.get("pareto"):  # a latency search
+        budget = t.get("max_ms_per_image")
+        print(f"    latency: best scores in {metric(best.get('ms_per_image'), 3)} ms/image"
+              + (f" (budget {budget:g} ms)" if budget else " (no budget)")
+              + f"; front of {len(t['pareto'])} trials: " + ", ".join(
+                  f"{metric(p[t['metric']], 3)} at {metric(p['ms_per_image'], 3)} ms" for p in t["pareto"]))

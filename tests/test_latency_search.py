@@ -189,6 +189,14 @@ def test_a_latency_search_writes_its_front_and_the_chosen_models_time(timed_sear
     assert m["ms_per_image"] == outcome.best.ms_per_image and m["latency_engine"] == "onnxruntime"
 
 
+def test_status_shows_the_chosen_models_time_and_the_front(timed_search, capsys):
+    ws, spec, outcome, _ = timed_search
+    assert run_cli("status", ws.root) == 0
+    out = capsys.readouterr().out
+    assert "latency: best scores in " in out and "(no budget)" in out
+    assert f"front of {len(front(outcome.rows, spec))} trials: " in out
+
+
 def test_resume_with_a_budget_chooses_again_from_the_same_trials(timed_search, tmp_path, capsys):
     ws, spec, outcome, _ = timed_search
     root = Path(shutil.copytree(ws.root, tmp_path / "ws"))
