@@ -66,10 +66,11 @@ def time_scoring(model_dir: Path, X: np.ndarray, *, engine: Engine = "auto", bat
 
 def _scorer(det, model_dir: Path, tmp: Path, X: np.ndarray, engine: Engine, threads: int | None, device: str):
     """The Detector itself, or its graph in ONNX Runtime (exported into `tmp`, checked on a few of X)."""
-    if engine == "torch" or (engine == "auto" and device != "cpu"):
-        return det, "torch"
     from aae_ray.export import ExportError, export_onnx
-    from aae_ray.onnx_engine import OnnxDetector
+    from aae_ray.onnx_engine import OnnxDetector, on_torch
+
+    if on_torch(engine, device):
+        return det, "torch"
 
     try:
         exported = export_onnx(model_dir, tmp / "onnx", X[:CHECK_IMAGES])

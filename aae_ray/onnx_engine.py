@@ -48,6 +48,12 @@ class OnnxDetector:
         return self.score(X, maps=False).score
 
 
+def on_torch(engine: str, device: str) -> bool:
+    """Whether a model scores on torch rather than ONNX Runtime: asked for, or "auto" on a GPU (ONNX Runtime runs
+    on the CPU here). Where "auto" picks ONNX Runtime and the model does not export, callers fall back to torch."""
+    return engine == "torch" or (engine == "auto" and device != "cpu")
+
+
 def load(ws, round_no: int, threads: int | None = None) -> OnnxDetector:
     """The round's model on ONNX Runtime, exported first where its export is missing or stale."""
     from aae_ray import artifacts

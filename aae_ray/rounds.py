@@ -187,12 +187,8 @@ def _warm_candidate(ws: Workspace, round_no: int, spec, echo: Echo) -> Path | No
 def _time_candidate(ws: Workspace, folder: Path, latency):
     """A candidate's scoring time as a latency search times its trials (aae_ray.latency), on the pool's images."""
     from aae_ray.dataset import pool_arrays
-    from aae_ray.latency import time_scoring
 
-    size = artifacts.read_config(folder).input_size
-    X = pool_arrays(ws, size).X[: latency.images]
-    return time_scoring(folder, X, engine=latency.engine, batch_size=latency.batch_size, repeats=latency.repeats,
-                        threads=1)
+    return latency.time(folder, pool_arrays(ws, artifacts.read_config(folder).input_size).X)
 
 
 @dataclass(frozen=True)

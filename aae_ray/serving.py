@@ -140,9 +140,10 @@ def load_current(ws: Workspace, device: str = "cpu", engine: str = "torch", thre
 
 def _detector(ws: Workspace, round_no: int, folder: Path, device: str, engine: str, threads: int | None):
     """The Detector on torch, or its export on ONNX Runtime ("onnx"; "auto" on a CPU replica where it exports)."""
-    if engine == "torch" or (engine == "auto" and device != "cpu"):
-        return artifacts.load(folder).to(device), device
     from aae_ray import onnx_engine
+
+    if onnx_engine.on_torch(engine, device):
+        return artifacts.load(folder).to(device), device
     from aae_ray.export import ExportError
 
     try:

@@ -221,11 +221,8 @@ def _budgets(on_front) -> dict[str, float]:
 def _alone(folder: Path, X: dict[int, np.ndarray], latency) -> float:
     """A model's scoring time with nothing else running, timed as its trial timed it but over 7 passes."""
     from aae_ray import artifacts
-    from aae_ray.latency import time_scoring
 
-    size = artifacts.read_config(folder).input_size
-    return time_scoring(folder, X[size], engine=latency.engine, batch_size=latency.batch_size, repeats=7,
-                        threads=1).ms_per_image
+    return latency.time(folder, X[artifacts.read_config(folder).input_size], repeats=7).ms_per_image
 
 
 def markdown(doc: dict) -> str:

@@ -135,6 +135,13 @@ class Latency(_Strict):
     images: int = Field(64, ge=1, le=100_000)
     repeats: int = Field(3, ge=1, le=100)
 
+    def time(self, model_dir: Path, X: Any, *, threads: int = 1, device: str = "cpu", repeats: int | None = None):
+        """A model's scoring time as these settings measure it (aae_ray.latency.Timing), on up to `images` of X."""
+        from aae_ray.latency import time_scoring
+
+        return time_scoring(model_dir, X[: self.images], engine=self.engine, batch_size=self.batch_size,
+                            repeats=repeats or self.repeats, threads=threads, device=device)
+
 
 class Select(_Strict):
     # The round's model: the best metric among the trials that score within this many milliseconds an image

@@ -23,7 +23,6 @@ from ray import tune
 from aae_ray import artifacts, scoring
 from aae_ray.config import validate
 from aae_ray.detector import Detector
-from aae_ray.latency import time_scoring
 from aae_ray.train import trained_ids
 from aae_ray.training_loop import EpochLog, TrainingDiverged, limit_threads, resolve_device
 from aae_ray.tuning.spec import LATENCY_METRIC, Latency
@@ -91,8 +90,7 @@ def _objective(det: Detector, X: np.ndarray, y: np.ndarray, source: str) -> dict
 
 
 def _timed(model_dir: Path, X: np.ndarray, latency: Latency, threads: int, device: str) -> dict[str, Any]:
-    t = time_scoring(model_dir, X[: latency.images], engine=latency.engine, batch_size=latency.batch_size,
-                     repeats=latency.repeats, threads=max(1, threads), device=device)
+    t = latency.time(model_dir, X, threads=max(1, threads), device=device)
     return {LATENCY_METRIC: t.ms_per_image, "latency_engine": t.engine, "latency_passes_ms": list(t.passes_ms)}
 
 
