@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import random
 import socket
 import threading
 import time
@@ -332,8 +333,30 @@ def _num(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+# Ray's workers take ports 10002-19999 by default; below the kernel's ephemeral range nothing that binds port 0
+# (Ray's gRPC servers, its actors, a client) can take the port between this check and the caller's own bind.
+_QUIET_PORTS = (20000, 32768)
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _QUIET_PORTS[1]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port free on host now, chosen where the system does not hand out ports of its own (CI once lost a test
+    module to Ray's gRPC server taking an ephemeral port that had been free a moment before)."""
+    low, high = _QUIET_PORTS[0], min(_QUIET_PORTS[1], _ephemeral_low())
+    for port in random.sample(range(low, high), min(64, max(0, high - low))):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # an unusual port range: let the system choose
         s.bind((host, 0))
         return s.getsockname()[1]
 

@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from aae_ray import artifacts
+from aae_ray.serving import free_port
 
 BIN = Path(sys.executable).parent  # the venv's bin: ray, aae-ray and python
 OBJECT_STORE_BYTES = 300_000_000  # without it each node claims a share of the whole machine's memory
@@ -61,12 +61,6 @@ class Cluster:
 def ray_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return {**env, "RAY_AUTH_MODE": "token"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str | Path], timeout: float, **kw) -> subprocess.CompletedProcess:
