@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import threading
@@ -141,7 +142,9 @@ class PredictionLog:
 
     def start(self) -> PredictionLog:
         def loop() -> None:
-            compacted, interval = 0.0, self.settings.flush_interval_s
+            # -inf, not 0: the monotonic clock counts from boot, so on a machine up for less than
+            # COMPACT_EVERY_S a 0 would put off the first compaction.
+            compacted, interval = -math.inf, self.settings.flush_interval_s
             due = time.monotonic() + interval
             while not self._stop.is_set():
                 self._wake.wait(max(0.0, due - time.monotonic()))

@@ -173,6 +173,20 @@ def test_a_running_log_compacts_the_ended_hours_itself(tmp_path):
     assert read_predictions(tmp_path).num_rows == total
 
 
+def test_a_log_started_just_after_boot_compacts_at_once(tmp_path, monkeypatch):
+    """The monotonic clock counts from boot: a writer started in a machine's first minutes compacts the ended
+    hours at once all the same."""
+    booted = time.monotonic() - 1.0  # as if the machine had been up for one second
+    monkeypatch.setattr(plog, "time", type("Clock", (), {"monotonic": staticmethod(lambda: time.monotonic() - booted)}))
+    _fragments_in(tmp_path, [5, 4], datetime.now(UTC))
+    log = PredictionLog(tmp_path, LogSettings(flush_interval_s=0.05)).start()
+    deadline = time.monotonic() + 10
+    while not list(tmp_path.glob("h-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log.close()
+    assert len(list(tmp_path.glob("h-*.parquet"))) == 2
+
+
 def test_a_slow_disk_does_not_stretch_how_long_a_row_waits_for_the_disk(tmp_path, monkeypatch):
     """Each write is on disk one interval after the previous write took its rows, however long a write takes:
     so no row waits longer than the interval, which is what a kill can lose."""
