@@ -88,13 +88,15 @@ def ewma(z: np.ndarray, lam: float, start: float = 0.0) -> np.ndarray:
     return out
 
 
-def excursions(stat: np.ndarray, limit: float, rearm: float = 0.5) -> np.ndarray:
+def excursions(stat: np.ndarray, limit: float, rearm: float = 0.5, armed: bool = True) -> np.ndarray:
     """Indices where the statistic leaves (-limit, limit) while the chart is armed: one alarm a drift episode. After
     an alarm the chart re-arms once |stat| is back under `rearm * limit`, so a sustained shift, which keeps the
-    EWMA near its limit, raises one event, not one each time noise carries it back and forth across the limit."""
+    EWMA near its limit, raises one event, not one each time noise carries it back and forth across the limit.
+    `armed`: whether the chart is armed before the first value (False: a stream continued after an alarm)."""
     stat = np.abs(np.asarray(stat, dtype=np.float64))
     out, calm = np.flatnonzero(stat > limit), np.flatnonzero(stat < rearm * limit)
-    alarms, i = [], 0
+    alarms = []
+    i = 0 if armed else (int(np.searchsorted(out, calm[0])) if len(calm) else len(out))
     while i < len(out):  # one step an alarm: the scan jumps from an alarm to the next re-arming, then onwards
         alarms.append(out[i])
         j = np.searchsorted(calm, out[i])
@@ -102,6 +104,13 @@ def excursions(stat: np.ndarray, limit: float, rearm: float = 0.5) -> np.ndarray
             break
         i = np.searchsorted(out, calm[j])
     return np.asarray(alarms, dtype=np.int64)
+
+
+def armed_after(stat: np.ndarray, limit: float, rearm: float = 0.5, armed: bool = True) -> bool:
+    """Whether the chart of `excursions` is armed after the last value: no alarm yet unrearmed."""
+    alarms = excursions(stat, limit, rearm, armed)
+    since = int(alarms[-1]) + 1 if len(alarms) else (None if armed else 0)
+    return since is None or bool((np.abs(np.asarray(stat, dtype=np.float64)[since:]) < rearm * limit).any())
 
 
 def normal_scores(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:

@@ -11,15 +11,17 @@ Alarms are events, one per excursion of the EWMA outside its limits ("drift", up
 hour whose count of images over the limit is above the binomial band of alpha ("rate"). `check_alarms` computes
 them from the whole log and appends the new ones to WS/alarms/ (Parquet fragments, atomic); an alarm's id is a
 hash of what raised it, so two checkers (a replica and the monitor page) may both write one and a reader still
-sees it once. Run on each monitor page load, on `aae-ray monitor --report`, and by every serving replica every
-`alarm_check_s`.
+sees it once. Run on each monitor page load and on `aae-ray monitor --report`. Serving replicas, every
+`alarm_check_s`, run `check_new_alarms` instead: the same alarms from the rows since the last check's hour,
+going on from each station's chart there (WS/alarms/.chart_state.json), so its cost does not grow with the log.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -31,7 +33,7 @@ import pyarrow.parquet as pq
 
 from aae_ray import artifacts, control_chart
 from aae_ray.atomic import atomic_write
-from aae_ray.prediction_log import UNNAMED_STATION, read_predictions
+from aae_ray.prediction_log import COMPACT_MARGIN, UNNAMED_STATION, read_predictions
 from aae_ray.scoring import ScoreLimit, f_ucl
 from aae_ray.workspace import Workspace
 
@@ -71,6 +73,18 @@ def _design(lam: float, arl0: float) -> control_chart.EwmaDesign:  # a root sear
 
 
 @dataclass(frozen=True)
+class StreamStart:
+    """Where a station's chart stood before a stream's first image: the round answering then, the EWMA, how many
+    images that round had answered, and whether the chart was armed (see control_chart.excursions). The default
+    is a station's first image ever."""
+
+    round: int = -1
+    ewma: float = 0.0
+    n: int = 0
+    armed: bool = True
+
+
+@dataclass(frozen=True)
 class Stream:
     """One station's served images in arrival order, each against the model that answered it."""
 
@@ -85,6 +99,7 @@ class Stream:
     anomaly: np.ndarray  # bool
     z: np.ndarray  # normal scores: N(0, 1) while in control
     ewma: np.ndarray  # the EWMA of z, restarted at each change of round
+    start: StreamStart = StreamStart()  # the chart before the first image (a check that goes on from the last)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -112,31 +127,35 @@ class LineChart:
         return sum(len(s) for s in self.streams.values())
 
 
-def read_line(ws: Workspace) -> pa.Table:
-    """The prediction log without the image bytes, in arrival order (ties by id, so every read agrees)."""
-    table = read_predictions(ws.predictions_dir, columns=LOG_COLUMNS)
+def read_line(ws: Workspace, since: datetime | None = None) -> pa.Table:
+    """The prediction log without the image bytes, in arrival order (ties by id, so every read agrees); `since`:
+    the rows from then on."""
+    table = read_predictions(ws.predictions_dir, columns=LOG_COLUMNS, since=since)
     table = table.set_column(table.schema.get_field_index("station"), "station",
                              pc.fill_null(table.column("station"), UNNAMED))
     return table.sort_by([("ts", "ascending"), ("id", "ascending")])
 
 
-def line_chart(ws: Workspace, settings: MonitorSettings | None = None) -> LineChart:
+def line_chart(ws: Workspace, settings: MonitorSettings | None = None, *, since: datetime | None = None,
+               starts: dict[str, StreamStart] | None = None) -> LineChart:
     """Every station's stream from the whole log (filter with `Stream.between` for display: the EWMA is the
-    same whatever window a person looks at)."""
+    same whatever window a person looks at). `since` and `starts`: the streams from then on only, each going on
+    from where its station's chart stood then (what `check_new_alarms` keeps between checks)."""
     settings = settings or MonitorSettings()
     design = settings.design()
-    table = read_line(ws)
+    table = read_line(ws, since)
+    starts = starts or {}
     streams, promotions = {}, []
     for station in sorted(set(table.column("station").to_pylist())):
         rows = table.filter(pc.equal(table.column("station"), station))
-        streams[station] = _stream(ws, station, rows, design.lam)
+        streams[station] = _stream(ws, station, rows, design.lam, starts.get(station, StreamStart()))
         rnd = streams[station].round
         for i in np.flatnonzero(np.r_[True, rnd[1:] != rnd[:-1]]) if len(rnd) else []:
             promotions.append((to_datetime(streams[station].ts[i]), station, int(rnd[i])))
     return LineChart(design, streams, sorted(promotions))
 
 
-def _stream(ws: Workspace, station: str, rows: pa.Table, lam: float) -> Stream:
+def _stream(ws: Workspace, station: str, rows: pa.Table, lam: float, start: StreamStart) -> Stream:
     col = {c: rows.column(c).to_numpy(zero_copy_only=False) for c in ("score", "p_value", "threshold", "round")}
     rnd = col["round"].astype(np.int64)
     n = len(rnd)
@@ -146,10 +165,11 @@ def _stream(ws: Workspace, station: str, rows: pa.Table, lam: float) -> Stream:
         limit = _limit(ws, int(rnd[a]))
         z[a:b] = _normal(limit, col["score"][a:b], col["p_value"][a:b])
         centre[a:b], alpha[a:b] = centre_line(limit), np.nan if limit is None else limit.alpha
-        stat[a:b] = control_chart.ewma(z[a:b], lam)
+        goes_on = a == 0 and rnd[0] == start.round  # the round answering before the first row: its EWMA goes on
+        stat[a:b] = control_chart.ewma(z[a:b], lam, start.ewma if goes_on else 0.0)
     ts = rows.column("ts").to_numpy(zero_copy_only=False).astype("datetime64[us]")
     return Stream(station, ts, rows.column("id").to_pylist(), rnd, col["score"], col["threshold"], centre, alpha,
-                  rows.column("anomaly").to_numpy(zero_copy_only=False).astype(bool), z, stat)
+                  rows.column("anomaly").to_numpy(zero_copy_only=False).astype(bool), z, stat, start)
 
 
 def _limit(ws: Workspace, round_no: int) -> ScoreLimit | None:
@@ -189,13 +209,19 @@ def drift_alarms(chart: LineChart) -> list[dict[str, Any]]:
     limit = chart.design.limit
     out = []
     for s in chart.streams.values():
-        for i in control_chart.excursions(s.ewma, limit):
-            other = np.flatnonzero(s.round[: i + 1] != s.round[i])  # earlier rounds' images
-            since_start = int(i - (other[-1] + 1 if len(other) else 0)) + 1
+        for i in control_chart.excursions(s.ewma, limit, armed=s.start.armed):
+            since_start = _images_of_round(s, int(i))
             out.append(_alarm("drift", "up" if s.ewma[i] > 0 else "down", s, int(i), float(s.ewma[i]), limit,
                               n=since_start, detail=f"EWMA lam={chart.design.lam:g} L={chart.design.L:.3f} "
                                                     f"(in-control ARL {chart.design.arl0:g} images)"))
     return out
+
+
+def _images_of_round(s: Stream, i: int) -> int:
+    """How many images the round answering image i had answered up to it, i included, since it began answering."""
+    other = np.flatnonzero(s.round[: i + 1] != s.round[i])  # earlier rounds' images
+    n = i - (int(other[-1]) + 1 if len(other) else 0) + 1
+    return n + s.start.n if not len(other) and s.round[i] == s.start.round else n
 
 
 def rate_alarms(chart: LineChart, level: float, now: datetime) -> list[dict[str, Any]]:
@@ -235,8 +261,13 @@ def check_alarms(ws: Workspace, settings: MonitorSettings | None = None, *, now:
     settings = settings or MonitorSettings()
     now = now or datetime.now(UTC)
     chart = chart or line_chart(ws, settings)
+    return _record(ws, drift_alarms(chart) + rate_alarms(chart, settings.band_level, now), now)
+
+
+def _record(ws: Workspace, alarms: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
+    """Append the alarms not yet recorded to WS/alarms/; those."""
     known = {a["id"] for a in read_alarms(ws)}
-    new = [a for a in drift_alarms(chart) + rate_alarms(chart, settings.band_level, now) if a["id"] not in known]
+    new = [a for a in alarms if a["id"] not in known]
     if new:
         table = pa.Table.from_pylist([a | {"detected_at": now} for a in new], schema=ALARM_SCHEMA)
         ws.alarms_dir.mkdir(parents=True, exist_ok=True)
@@ -245,13 +276,67 @@ def check_alarms(ws: Workspace, settings: MonitorSettings | None = None, *, now:
     return new
 
 
+CHART_STATE = ".chart_state.json"  # in WS/alarms/: each station's chart where the last check folded the log in
+
+
+def check_new_alarms(ws: Workspace, settings: MonitorSettings | None = None, *,
+                     now: datetime | None = None) -> list[dict[str, Any]]:
+    """`check_alarms` without reading the whole log: it reads the rows since the hour the last check folded in
+    (WS/alarms/.chart_state.json) and goes on from each station's chart there, so a check costs what the last
+    hour or so holds, however long the line has run. Its alarms are the whole log's (same ids), except for rows
+    that reach the log over COMPACT_MARGIN late, or a log whose early files were deleted: the monitor page and
+    `aae-ray monitor --report`, which chart the whole log, still raise those."""
+    settings = settings or MonitorSettings()
+    now = now or datetime.now(UTC)
+    through, starts = _read_state(ws, settings)
+    chart = line_chart(ws, settings, since=through, starts=starts)
+    new = _record(ws, drift_alarms(chart) + rate_alarms(chart, settings.band_level, now), now)
+    # The hours ended COMPACT_MARGIN ago are folded in: no row of theirs is still on its way to the log.
+    fold = (now - COMPACT_MARGIN).replace(minute=0, second=0, microsecond=0)
+    if through is None or fold > through:
+        _write_state(ws, settings, fold, starts | _starts_before(chart, fold))
+    return new
+
+
+def _starts_before(chart: LineChart, until: datetime) -> dict[str, StreamStart]:
+    """Each stream's chart after its last image before `until` (the streams with one)."""
+    limit, out = chart.design.limit, {}
+    cut = np.datetime64(until.astimezone(UTC).replace(tzinfo=None), "us")
+    for station, s in chart.streams.items():
+        k = int(np.searchsorted(s.ts, cut, side="left")) - 1  # ts are sorted: the last image before `until`
+        if k >= 0:
+            out[station] = StreamStart(int(s.round[k]), float(s.ewma[k]), _images_of_round(s, k),
+                                       control_chart.armed_after(s.ewma[: k + 1], limit, armed=s.start.armed))
+    return out
+
+
+def _read_state(ws: Workspace, settings: MonitorSettings) -> tuple[datetime | None, dict[str, StreamStart]]:
+    """(the time up to which the log is folded in, each station's chart then); (None, {}) where there is no
+    state, it is unreadable or it was made for other settings: the check then reads the whole log."""
+    try:
+        state = json.loads((ws.alarms_dir / CHART_STATE).read_text())
+        if state["settings"] != [settings.lam, settings.arl0]:
+            return None, {}
+        return (datetime.fromisoformat(state["through"]),
+                {k: StreamStart(**v) for k, v in state["streams"].items()})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, {}
+
+
+def _write_state(ws: Workspace, settings: MonitorSettings, through: datetime,
+                 starts: dict[str, StreamStart]) -> None:
+    state = {"settings": [settings.lam, settings.arl0], "through": through.isoformat(),
+             "streams": {k: asdict(v) for k, v in sorted(starts.items())}}
+    ws.alarms_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(ws.alarms_dir / CHART_STATE, lambda f: f.write(json.dumps(state, indent=1).encode()))
+
+
 CHECKED = ".checked"  # in WS/alarms/: when the log was last checked, and what it held then
 
 
 def check_alarms_if_due(ws: Workspace, every_s: float, settings: MonitorSettings | None = None) -> list[dict]:
-    """`check_alarms`, at most once every `every_s` for the whole workspace (however many replicas ask) and only
-    when the log has new files since the last check: a check reads the whole log (0.7 s for 200,000 rows on
-    2 cores), so N replicas checking on their own would cost N times that."""
+    """`check_new_alarms`, at most once every `every_s` for the whole workspace (however many replicas ask) and
+    only when the log has new files since the last check: N replicas checking on their own would cost N times."""
     stamp = ws.alarms_dir / CHECKED
     listing = sorted((p.name, p.stat().st_size) for p in ws.predictions_dir.glob("*.parquet")) \
         if ws.predictions_dir.is_dir() else []
@@ -264,7 +349,7 @@ def check_alarms_if_due(ws: Workspace, every_s: float, settings: MonitorSettings
         return []
     ws.alarms_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(signature)  # first, so another replica asking meanwhile waits for the next interval
-    return check_alarms(ws, settings)
+    return check_new_alarms(ws, settings)
 
 
 def read_alarms(ws: Workspace) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from aae_ray.atomic import atomic_write, fsync_dir
@@ -198,18 +199,27 @@ def _files(folder: Path) -> tuple[dict[str, Path], list[Path], list[Path]]:
             [p for p in fragments if _hour_of(p) in hours])
 
 
-def read_predictions(folder: Path, *, columns: list[str] | None = None) -> pa.Table:
-    """Every logged row once, in arrival order (`ts`, then file). Raises ValueError naming an unreadable file."""
+def read_predictions(folder: Path, *, columns: list[str] | None = None, since: datetime | None = None) -> pa.Table:
+    """Every logged row once, in arrival order (`ts`, then file). Raises ValueError naming an unreadable file.
+    `since`: only the rows logged from then on, read from the files of its hour and later alone (a row is written
+    after it is logged, so no earlier file holds one)."""
     folder = Path(folder)
+    first = since.astimezone(UTC).strftime(HOUR_FORMAT) if since is not None else ""
+    wanted = columns
+    if since is not None and columns is not None and "ts" not in columns:
+        columns = [*columns, "ts"]  # to filter on; dropped again below
     for _ in range(10):
         hours, live, _ = _files(folder)
         try:
-            tables = [_read(p, columns) for p in [*hours.values(), *live]]
+            tables = [_read(p, columns) for p in [*hours.values(), *live] if _hour_of(p) >= first]
         except FileNotFoundError:  # compacted while we read: list again
             continue
         schema = pa.schema([SCHEMA.field(c) for c in columns]) if columns else SCHEMA
         table = pa.concat_tables(tables) if tables else schema.empty_table()
-        return table.sort_by("ts") if "ts" in table.column_names else table
+        if since is not None:
+            table = table.filter(pc.greater_equal(table.column("ts"), pa.scalar(since, SCHEMA.field("ts").type)))
+        table = table.sort_by("ts") if "ts" in table.column_names else table
+        return table.select(wanted) if wanted is not None else table
     raise ValueError(f"{folder}: files kept vanishing while reading")
 
 

@@ -77,6 +77,24 @@ def test_an_excursion_raises_one_alarm_and_the_chart_rearms_back_near_the_centre
     assert cc.excursions(np.array([]), limit).shape == (0,)
 
 
+def test_a_chart_cut_anywhere_and_continued_raises_the_same_excursions():
+    """What a check that goes on from the last one relies on: the alarms of the pieces, each started with the
+    armed state the piece before it ended in, are the alarms of the whole."""
+    rng = np.random.default_rng(5)
+    stat = cc.ewma(rng.standard_normal(400) + np.repeat(rng.choice([0.0, 1.5, -1.5], 20), 20), 0.2)
+    limit = 0.6
+    whole = cc.excursions(stat, limit)
+    assert len(whole) >= 4
+    for cuts in [(k,) for k in range(0, 401, 7)] + [tuple(sorted(rng.choice(400, 3, replace=False)))
+                                                      for _ in range(40)]:
+        got, armed, a = [], True, 0
+        for b in [*cuts, 400]:
+            got += list(cc.excursions(stat[a:b], limit, armed=armed) + a)
+            armed = cc.armed_after(stat[a:b], limit, armed=armed)
+            a = b
+        assert got == list(whole), cuts
+
+
 def test_normal_scores_are_standard_whatever_the_scores_law():
     rng = np.random.default_rng(0)
     cal = rng.chisquare(4, 199)  # skewed, like a T2

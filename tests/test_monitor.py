@@ -204,8 +204,8 @@ def test_replicas_check_at_most_once_an_interval_and_only_when_the_log_grew(scor
     ws = Workspace.open(scored_copy_path)
     log_stream(ws, shifted(50, 100, 2.5), station="cam-1")
     checks = []
-    real = monitor.check_alarms
-    monkeypatch.setattr(monitor, "check_alarms", lambda *a, **k: checks.append(1) or real(*a, **k))
+    real = monitor.check_new_alarms
+    monkeypatch.setattr(monitor, "check_new_alarms", lambda *a, **k: checks.append(1) or real(*a, **k))
     assert monitor.check_alarms_if_due(ws, 30) and len(checks) == 1
     assert monitor.check_alarms_if_due(ws, 30) == [] and len(checks) == 1  # a second replica, same interval
     stamp = ws.alarms_dir / monitor.CHECKED
@@ -215,6 +215,71 @@ def test_replicas_check_at_most_once_an_interval_and_only_when_the_log_grew(scor
     log_stream(ws, shifted(20, 0, 0.0), station="cam-2", start=T0 + timedelta(hours=1))
     monitor.check_alarms_if_due(ws, 30)
     assert len(checks) == 2
+
+
+def test_checks_that_go_on_from_the_last_raise_the_whole_logs_alarms(scored_copy_path, monkeypatch):
+    """A replica's check every few minutes, each reading only the rows since the hour the last one folded in,
+    records what one check of the whole log would: the same drift and rate alarms, ids and all, through a
+    promotion and a drift that runs across a fold (its alarm once, not again when the chart goes on)."""
+    import shutil
+
+    from aae_ray import prediction_log as plog
+
+    real = plog.write_fragment  # fragments named by their rows' hour, as on a line that logs as it serves
+    monkeypatch.setattr(plog, "write_fragment", lambda folder, rows, now=None: real(
+        folder, rows, now=max(r["ts"] for r in rows)))
+    ws = Workspace.open(scored_copy_path)
+    shutil.copytree(ws.model_dir(0), ws.model_dir(1))
+    rng = np.random.default_rng(11)
+    step, chunk = timedelta(seconds=6), 100  # 10 minutes of images a station per chunk
+    settings = monitor.MonitorSettings(lam=0.1, arl0=5000)
+    for c in range(24):  # 08:00 to 12:00
+        start = T0 + c * chunk * step
+        z = rng.standard_normal(chunk)
+        if 5 <= c <= 8:  # cam-1 drifts from 08:50 to 09:30, across the fold at 09:00
+            z += 1.5
+        log_stream(ws, z, station="cam-1", start=start, step=step)
+        over = (np.arange(chunk) % 5 == 0) if 18 <= c <= 20 else None  # cam-2: a defect rate from 11:00
+        log_stream(ws, rng.standard_normal(chunk) - (2.0 if c in (14, 15) else 0.0), station="cam-2",
+                   round_no=1 if c >= 12 else 0, start=start + step / 2, step=step, over=over)
+        monitor.check_new_alarms(ws, settings, now=start + chunk * step + timedelta(seconds=30))
+    end = T0 + timedelta(hours=4, minutes=10)
+    monitor.check_new_alarms(ws, settings, now=end)
+    chart = monitor.line_chart(ws, settings)
+    whole = monitor.drift_alarms(chart) + monitor.rate_alarms(chart, settings.band_level, end)
+    kinds = sorted((a["kind"], a["station"], a["direction"]) for a in whole)
+    assert ("drift", "cam-1", "up") in kinds and ("drift", "cam-2", "down") in kinds and ("rate", "cam-2", "up") \
+        in kinds
+    assert kinds.count(("drift", "cam-1", "up")) == 1, "one excursion, one alarm, across the fold"
+    keys = ["id", "kind", "station", "round", "ts", "image_id", "n"]
+    recorded = [{k: a[k] for k in keys} for a in monitor.read_alarms(ws)]
+    assert sorted(recorded, key=str) == sorted(({k: a[k] for k in keys} for a in whole), key=str)
+    for a in monitor.read_alarms(ws):
+        w = next(b for b in whole if b["id"] == a["id"])
+        assert a["statistic"] == pytest.approx(w["statistic"], rel=1e-9)
+
+
+def test_a_check_that_goes_on_reads_only_the_recent_hours(scored_copy_path, monkeypatch):
+    from aae_ray import prediction_log as plog
+
+    real = plog.write_fragment
+    monkeypatch.setattr(plog, "write_fragment", lambda folder, rows, now=None: real(
+        folder, rows, now=max(r["ts"] for r in rows)))
+    ws = Workspace.open(scored_copy_path)
+    for h in range(3):  # 08:00 to 10:50, a fragment an hour
+        log_stream(ws, shifted(100, 0, 0.0, seed=h), start=T0 + timedelta(hours=h), step=timedelta(seconds=30))
+    monitor.check_new_alarms(ws, now=T0 + timedelta(hours=3))  # folds in up to 10:00
+    old = sorted(ws.predictions_dir.glob("f-20261201T08-*.parquet"))
+    assert old
+    old[0].write_bytes(b"not parquet")  # a file it has no reason to open
+    assert monitor.check_new_alarms(ws, now=T0 + timedelta(hours=3, minutes=5)) == []
+    with pytest.raises(ValueError, match="unreadable prediction log file"):
+        monitor.check_alarms(ws)
+    with pytest.raises(ValueError, match="unreadable prediction log file"):  # other settings: the whole log
+        monitor.check_new_alarms(ws, monitor.MonitorSettings(lam=0.2), now=T0 + timedelta(hours=3, minutes=10))
+    (ws.alarms_dir / monitor.CHART_STATE).write_text("{broken")
+    with pytest.raises(ValueError, match="unreadable prediction log file"):  # no state: the whole log
+        monitor.check_new_alarms(ws, now=T0 + timedelta(hours=3, minutes=15))
 
 
 def test_the_centre_line_is_the_in_control_median_of_the_score():

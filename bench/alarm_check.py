@@ -1,0 +1,120 @@
+"""What a serving replica's alarm check costs as the line's log grows: the whole log read again
+(`monitor.check_alarms`, what the monitor page and `aae-ray monitor --report` do) against the check that goes on
+from where the last one folded the log in (`monitor.check_new_alarms`, what `check_alarms_if_due` runs every
+`alarm_check_s` in each replica).
+
+A synthetic workspace gets a one-epoch model at 32x32 (bench/serve_load.py's `make_workspace`: the benchmark
+measures the check, not accuracy). Its log is synthetic: one station at --rate images/s, in-control scores
+drawn from the model's calibration scores, written as compacted hour files (what `prediction_log.compact`
+leaves) for --hours of line time, the last hour still open. Each size is timed --repeats times, medians:
+- `whole_s`: `check_alarms(ws, now=end)`;
+- `incremental_s`: `check_new_alarms(ws, now=end)` once the state is there (a first call, `first_incremental_s`,
+  reads the whole log and folds it in; the timed calls read the rows since the folded hour).
+That the checks which go on record the whole log's alarms is tests/test_monitor.py's to show, not this script's.
+
+    python bench/alarm_check.py [--hours 1 6 24 72] [--rate 10] [--repeats 3] [--out bench/results]
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fmnist import COMMIT, machine  # noqa: E402  (bench scripts share helpers, not a package)
+from serve_load import make_workspace  # noqa: E402
+
+from aae_ray import artifacts, monitor  # noqa: E402
+from aae_ray.prediction_log import HOUR_FORMAT, HOUR_PREFIX, SCHEMA  # noqa: E402
+from aae_ray.workspace import Workspace  # noqa: E402
+
+START = datetime(2026, 12, 1, 0, 0, tzinfo=UTC)
+
+
+def write_log(ws: Workspace, hours: int, rate: float, seed: int = 0) -> tuple[int, datetime]:
+    """`hours` hour files of in-control traffic; (rows, a time 30 minutes into the last, open, hour)."""
+    limit = artifacts.read_limit(ws.model_dir(0))
+    rng = np.random.default_rng(seed)
+    per_hour = int(rate * 3600)
+    ws.predictions_dir.mkdir(parents=True, exist_ok=True)
+    for h in range(hours):
+        hour = START + timedelta(hours=h)
+        n = per_hour if h < hours - 1 else per_hour // 2  # the open hour, half way
+        ts = pa.array([hour + timedelta(seconds=i / rate) for i in range(n)], SCHEMA.field("ts").type)
+        score = rng.choice(limit.calibration, n) * rng.uniform(0.98, 1.02, n)
+        cols = {"ts": ts, "id": pa.array([f"{h:04d}{i:08d}" for i in range(n)]), "station": pa.array(["cam-1"] * n),
+                "round": pa.array(np.zeros(n, np.int32)), "model": pa.array(["rounds/r000/model"] * n),
+                "score": pa.array(score), "t2": pa.array(score), "p_value": pa.array(limit.p_value(score)),
+                "threshold": pa.array(np.full(n, limit.threshold)), "anomaly": pa.array(score > limit.threshold)}
+        table = pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in SCHEMA}, schema=SCHEMA)
+        pq.write_table(table, ws.predictions_dir / f"{HOUR_PREFIX}{hour:{HOUR_FORMAT}}.parquet")
+    return per_hour * (hours - 1) + per_hour // 2, START + timedelta(hours=hours - 1, minutes=30)
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def measure(ws: Workspace, hours: int, rate: float, repeats: int) -> dict:
+    shutil.rmtree(ws.predictions_dir, ignore_errors=True)
+    shutil.rmtree(ws.alarms_dir, ignore_errors=True)
+    rows, end = write_log(ws, hours, rate)
+    first_s, _ = timed(lambda: monitor.check_new_alarms(ws, now=end))  # no state yet: the whole log, folded in
+    incremental = [timed(lambda: monitor.check_new_alarms(ws, now=end))[0] for _ in range(repeats)]
+    shutil.rmtree(ws.alarms_dir)
+    whole = [timed(lambda: monitor.check_alarms(ws, now=end))[0] for _ in range(repeats)]
+    return {"hours": hours, "rows": rows, "whole_s": statistics.median(whole),
+            "incremental_s": statistics.median(incremental), "first_incremental_s": first_s,
+            "ratio": statistics.median(whole) / statistics.median(incremental),
+            "alarms": len(monitor.read_alarms(ws)), "runs": {"whole": whole, "incremental": incremental}}
+
+
+def markdown(doc: dict) -> str:
+    lines = ["# The replica's alarm check as the log grows (`python bench/alarm_check.py`)", "",
+             f"Machine: {doc['machine']}  ", f"Code: {doc['commit']}, {doc['wall_s']:.0f} s. One station at "
+             f"{doc['rate']:g} images/s (synthetic in-control scores, compacted hour files); medians of "
+             f"{doc['repeats']}.", "",
+             "| line time | rows | alarms | whole log (`check_alarms`) | going on (`check_new_alarms`) | ratio |",
+             "|---|---|---|---|---|---|"]
+    for r in doc["sizes"]:
+        lines.append(f"| {r['hours']} h | {r['rows']:,} | {r['alarms']} | {r['whole_s']:.3f} s | "
+                     f"{r['incremental_s']:.3f} s | {r['ratio']:.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hours", type=int, nargs="+", default=[1, 6, 24, 72])
+    p.add_argument("--rate", type=float, default=10.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace.open(make_workspace(Path(tmp), 32)[0])
+        sizes = []
+        for hours in args.hours:
+            sizes.append(measure(ws, hours, args.rate, args.repeats))
+            print(json.dumps({k: v for k, v in sizes[-1].items() if k != "runs"}), flush=True)
+    doc = {"machine": machine(), "commit": COMMIT, "rate": args.rate, "repeats": args.repeats,
+           "wall_s": time.perf_counter() - t0, "sizes": sizes}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "alarm_check.json").write_text(json.dumps(doc, indent=1))
+    (args.out / "alarm_check.md").write_text(markdown(doc))
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
