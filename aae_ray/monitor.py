@@ -24,6 +24,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from aae_ray import artifacts, control_chart
-from aae_ray.atomic import atomic_write
+from aae_ray.atomic import atomic_write, fsync_dir
 from aae_ray.prediction_log import COMPACT_MARGIN, UNNAMED_STATION, read_predictions
 from aae_ray.scoring import ScoreLimit, f_ucl
 from aae_ray.workspace import Workspace
@@ -273,7 +274,34 @@ def _record(ws: Workspace, alarms: list[dict[str, Any]], now: datetime) -> list[
         ws.alarms_dir.mkdir(parents=True, exist_ok=True)
         path = ws.alarms_dir / f"a-{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
         atomic_write(path, lambda f: pq.write_table(table, f))
+        merge_alarm_files(ws)
     return new
+
+
+ALARM_FILES_KEPT = 32  # a writer that leaves more alarm files than this merges them into one
+
+
+def merge_alarm_files(ws: Workspace, keep: int = ALARM_FILES_KEPT) -> int:
+    """Merge WS/alarms/'s files into one (each id once) where there are more than `keep`; the files merged. A
+    check that finds alarms writes a file, so a line that alarms often would leave thousands, and every read
+    (each check, GET /health, `aae-ray status`) opens them all: about a millisecond a file. Safe beside readers
+    (the merged file is in place before its sources go, and `read_alarms` lists again when a file vanishes) and
+    beside another merger (both merge the same alarms, which are read once)."""
+    files = _alarm_files(ws)
+    if len(files) <= keep:
+        return 0
+    try:
+        rows = _first_of_each_id(files)
+    except FileNotFoundError:  # another writer is merging them
+        return 0
+    table = pa.Table.from_pylist(rows, schema=ALARM_SCHEMA)
+    # Named from the first file's stamp, so it sorts before every file written after those it merges.
+    stamp = files[0].name.split("-")[1]
+    atomic_write(ws.alarms_dir / f"a-{stamp}-m{uuid.uuid4().hex[:8]}.parquet", lambda f: pq.write_table(table, f))
+    for p in files:
+        p.unlink(missing_ok=True)
+    fsync_dir(ws.alarms_dir)
+    return len(files)
 
 
 CHART_STATE = ".chart_state.json"  # in WS/alarms/: each station's chart where the last check folded the log in
@@ -354,12 +382,25 @@ def check_alarms_if_due(ws: Workspace, every_s: float, settings: MonitorSettings
 
 def read_alarms(ws: Workspace) -> list[dict[str, Any]]:
     """Every recorded alarm once (the first record of an id), newest first."""
-    files = sorted(p for p in ws.alarms_dir.glob("a-*.parquet")) if ws.alarms_dir.is_dir() else []
+    for _ in range(10):
+        try:
+            rows = _first_of_each_id(_alarm_files(ws))
+        except FileNotFoundError:  # merged while we read: list again
+            continue
+        return sorted(rows, key=lambda a: (a["ts"], a["id"]), reverse=True)
+    raise OSError(f"{ws.alarms_dir}: alarm files kept vanishing while reading")
+
+
+def _alarm_files(ws: Workspace) -> list[Path]:
+    return sorted(ws.alarms_dir.glob("a-*.parquet")) if ws.alarms_dir.is_dir() else []
+
+
+def _first_of_each_id(files: list[Path]) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
     for path in files:
         for row in pq.read_table(path).to_pylist():
             seen.setdefault(row["id"], row)
-    return sorted(seen.values(), key=lambda a: (a["ts"], a["id"]), reverse=True)
+    return list(seen.values())
 
 
 def alarm_summary(ws: Workspace, latest: int = 3) -> dict[str, Any]:

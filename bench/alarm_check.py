@@ -11,8 +11,12 @@ leaves) for --hours of line time, the last hour still open. Each size is timed -
 - `incremental_s`: `check_new_alarms(ws, now=end)` once the state is there (a first call, `first_incremental_s`,
   reads the whole log and folds it in; the timed calls read the rows since the folded hour).
 That the checks which go on record the whole log's alarms is tests/test_monitor.py's to show, not this script's.
+And what reading the recorded alarms costs (every check, GET /health, `aae-ray status`) when --alarm-files
+checks have each written one alarm file, as a line that alarms every check leaves them, before and after the
+merge a writer now does beyond `monitor.ALARM_FILES_KEPT` files.
 
-    python bench/alarm_check.py [--hours 1 6 24 72] [--rate 10] [--repeats 3] [--out bench/results]
+    python bench/alarm_check.py [--hours 1 6 24 72] [--rate 10] [--alarm-files 3000] [--repeats 3]
+                                [--out bench/results]
 """
 
 import argparse
@@ -80,6 +84,26 @@ def measure(ws: Workspace, hours: int, rate: float, repeats: int) -> dict:
             "alarms": len(monitor.read_alarms(ws)), "runs": {"whole": whole, "incremental": incremental}}
 
 
+def alarm_files(ws: Workspace, files: int, repeats: int) -> dict:
+    """`files` alarm files of one alarm each; read_alarms before and after merge_alarm_files."""
+    shutil.rmtree(ws.alarms_dir, ignore_errors=True)
+    ws.alarms_dir.mkdir(parents=True)
+    for i in range(files):
+        t = START + timedelta(seconds=30 * i)
+        row = {"id": f"{i:016x}", "kind": "drift", "direction": "up", "station": "cam-1", "round": 0,
+               "model": "rounds/r000/model", "ts": t, "image_id": f"{i:012d}", "statistic": 0.7, "limit": 0.6,
+               "n": i, "detail": "synthetic", "detected_at": t}
+        pq.write_table(pa.Table.from_pylist([row], schema=monitor.ALARM_SCHEMA),
+                       ws.alarms_dir / f"a-{t:%Y%m%dT%H%M%S%f}-{i:08x}.parquet")
+    unmerged = [timed(lambda: monitor.read_alarms(ws))[0] for _ in range(repeats)]
+    merge_s, _ = timed(lambda: monitor.merge_alarm_files(ws))
+    merged = [timed(lambda: monitor.read_alarms(ws))[0] for _ in range(repeats)]
+    assert len(monitor.read_alarms(ws)) == files
+    return {"files": files, "read_unmerged_s": statistics.median(unmerged), "merge_s": merge_s,
+            "read_merged_s": statistics.median(merged), "files_after": len(list(ws.alarms_dir.glob("a-*.parquet"))),
+            "runs": {"unmerged": unmerged, "merged": merged}}
+
+
 def markdown(doc: dict) -> str:
     lines = ["# The replica's alarm check as the log grows (`python bench/alarm_check.py`)", "",
              f"Machine: {doc['machine']}  ", f"Code: {doc['commit']}, {doc['wall_s']:.0f} s. One station at "
@@ -90,6 +114,10 @@ def markdown(doc: dict) -> str:
     for r in doc["sizes"]:
         lines.append(f"| {r['hours']} h | {r['rows']:,} | {r['alarms']} | {r['whole_s']:.3f} s | "
                      f"{r['incremental_s']:.3f} s | {r['ratio']:.1f}x |")
+    a = doc["alarm_files"]
+    lines += ["", f"Reading the recorded alarms from {a['files']:,} alarm files of one alarm each: "
+              f"**{a['read_unmerged_s']:.3f} s**; merged into {a['files_after']} file(s) ({a['merge_s']:.2f} s, "
+              f"once): **{a['read_merged_s']:.3f} s**."]
     return "\n".join(lines) + "\n"
 
 
@@ -97,6 +125,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hours", type=int, nargs="+", default=[1, 6, 24, 72])
     p.add_argument("--rate", type=float, default=10.0)
+    p.add_argument("--alarm-files", type=int, default=3000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args()
@@ -107,8 +136,10 @@ def main() -> int:
         for hours in args.hours:
             sizes.append(measure(ws, hours, args.rate, args.repeats))
             print(json.dumps({k: v for k, v in sizes[-1].items() if k != "runs"}), flush=True)
+        files = alarm_files(ws, args.alarm_files, args.repeats)
     doc = {"machine": machine(), "commit": COMMIT, "rate": args.rate, "repeats": args.repeats,
-           "wall_s": time.perf_counter() - t0, "sizes": sizes}
+           "wall_s": time.perf_counter() - t0, "sizes": sizes,
+           "alarm_files": files}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "alarm_check.json").write_text(json.dumps(doc, indent=1))
     (args.out / "alarm_check.md").write_text(markdown(doc))

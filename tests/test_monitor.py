@@ -77,6 +77,31 @@ def test_two_checkers_writing_the_same_alarm_are_read_once(scored_copy_path):
     assert summary["count"] == len(first) and "station cam-1 round 0: drift up" in summary["latest"][0]
 
 
+def test_a_line_that_alarms_often_keeps_few_alarm_files_and_every_alarm(scored_copy_path, monkeypatch):
+    ws = Workspace.open(scored_copy_path)
+    log_stream(ws, shifted(100, 100, 2.0))
+    chart = monitor.line_chart(ws)
+    alarm = monitor.drift_alarms(chart)[0]
+    recorded = []
+    for i in range(3 * monitor.ALARM_FILES_KEPT):  # a check that finds one new alarm, again and again
+        recorded += monitor._record(ws, [alarm | {"id": f"{i:016x}", "n": i}], T0 + timedelta(seconds=i))
+    assert len(recorded) == 3 * monitor.ALARM_FILES_KEPT
+    assert len(list(ws.alarms_dir.glob("a-*.parquet"))) <= monitor.ALARM_FILES_KEPT
+    got = monitor.read_alarms(ws)
+    assert sorted((a["id"], a["n"]) for a in got) == [(f"{i:016x}", i) for i in range(3 * monitor.ALARM_FILES_KEPT)]
+    assert monitor._record(ws, [alarm | {"id": f"{5:016x}"}], T0) == []  # merged, still known
+    real, calls = pq.read_table, []
+
+    def merged_meanwhile(path, *a, **k):  # the first read finds a file another writer has just merged away
+        calls.append(path)
+        if len(calls) == 1:
+            raise FileNotFoundError(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(monitor.pq, "read_table", merged_meanwhile)
+    assert len(monitor.read_alarms(ws)) == 3 * monitor.ALARM_FILES_KEPT
+
+
 def test_stations_are_charted_apart_and_only_the_drifting_one_alarms(scored_copy_path):
     ws = Workspace.open(scored_copy_path)
     log_stream(ws, shifted(200, 200, 0.0, seed=3), station="cam-1")
