@@ -13,7 +13,8 @@ them from the whole log and appends the new ones to WS/alarms/ (Parquet fragment
 hash of what raised it, so two checkers (a replica and the monitor page) may both write one and a reader still
 sees it once. Run on each monitor page load and on `aae-ray monitor --report`. Serving replicas, every
 `alarm_check_s`, run `check_new_alarms` instead: the same alarms from the rows since the last check's hour,
-going on from each station's chart there (WS/alarms/.chart_state.json), so its cost does not grow with the log.
+going on from each station's chart there (WS/alarms/.chart_state-*.json), so its cost does not grow with the
+log; those hourly checkpoints also let the page chart a window without reading the log before it.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def line_chart(ws: Workspace, settings: MonitorSettings | None = None, *, since:
         rows = table.filter(pc.equal(table.column("station"), station))
         streams[station] = _stream(ws, station, rows, design.lam, starts.get(station, StreamStart()))
         rnd = streams[station].round
-        for i in np.flatnonzero(np.r_[True, rnd[1:] != rnd[:-1]]) if len(rnd) else []:
+        first = rnd[0] != streams[station].start.round if len(rnd) else False  # not where a round goes on
+        for i in np.flatnonzero(np.r_[first, rnd[1:] != rnd[:-1]]) if len(rnd) else []:
             promotions.append((to_datetime(streams[station].ts[i]), station, int(rnd[i])))
     return LineChart(design, streams, sorted(promotions))
 
@@ -304,26 +306,42 @@ def merge_alarm_files(ws: Workspace, keep: int = ALARM_FILES_KEPT) -> int:
     return len(files)
 
 
-CHART_STATE = ".chart_state.json"  # in WS/alarms/: each station's chart where the last check folded the log in
+CHART_STATE = ".chart_state"  # in WS/alarms/, a file a design: each station's chart at the hours checks folded in
+CHECKPOINTS_KEPT = 8 * 24  # hourly: the page's longest window (7 days) can start from one
 
 
 def check_new_alarms(ws: Workspace, settings: MonitorSettings | None = None, *,
                      now: datetime | None = None) -> list[dict[str, Any]]:
     """`check_alarms` without reading the whole log: it reads the rows since the hour the last check folded in
-    (WS/alarms/.chart_state.json) and goes on from each station's chart there, so a check costs what the last
+    and goes on from each station's chart there (WS/alarms/.chart_state-*.json), so a check costs what the last
     hour or so holds, however long the line has run. Its alarms are the whole log's (same ids), except for rows
-    that reach the log over COMPACT_MARGIN late, or a log whose early files were deleted: the monitor page and
-    `aae-ray monitor --report`, which chart the whole log, still raise those."""
+    that reach the log over COMPACT_MARGIN late, or a log whose early files were deleted: a check of the whole
+    log (the monitor page over "everything", `aae-ray monitor --report` without --since) still raises those."""
     settings = settings or MonitorSettings()
     now = now or datetime.now(UTC)
-    through, starts = _read_state(ws, settings)
+    checkpoints = read_checkpoints(ws, settings)
+    through, starts = checkpoints[-1] if checkpoints else (None, {})
     chart = line_chart(ws, settings, since=through, starts=starts)
     new = _record(ws, drift_alarms(chart) + rate_alarms(chart, settings.band_level, now), now)
     # The hours ended COMPACT_MARGIN ago are folded in: no row of theirs is still on its way to the log.
     fold = (now - COMPACT_MARGIN).replace(minute=0, second=0, microsecond=0)
     if through is None or fold > through:
-        _write_state(ws, settings, fold, starts | _starts_before(chart, fold))
+        checkpoints.append((fold, starts | _starts_before(chart, fold)))
+        _write_checkpoints(ws, settings, checkpoints[-CHECKPOINTS_KEPT:])
     return new
+
+
+def window_chart(ws: Workspace, settings: MonitorSettings | None = None,
+                 since: datetime | None = None) -> LineChart:
+    """The chart of the images from `since` on, with the EWMA the whole log gives them, read from the latest
+    checkpoint of `check_new_alarms` at or before `since` rather than from the first row (the whole log where
+    there is none, or `since` is None). Cut it to the window with `Stream.between`."""
+    settings = settings or MonitorSettings()
+    if since is not None:
+        before = [(t, starts) for t, starts in read_checkpoints(ws, settings) if t <= since]
+        if before:
+            return line_chart(ws, settings, since=before[-1][0], starts=before[-1][1])
+    return line_chart(ws, settings)
 
 
 def _starts_before(chart: LineChart, until: datetime) -> dict[str, StreamStart]:
@@ -338,25 +356,39 @@ def _starts_before(chart: LineChart, until: datetime) -> dict[str, StreamStart]:
     return out
 
 
-def _read_state(ws: Workspace, settings: MonitorSettings) -> tuple[datetime | None, dict[str, StreamStart]]:
-    """(the time up to which the log is folded in, each station's chart then); (None, {}) where there is no
-    state, it is unreadable or it was made for other settings: the check then reads the whole log."""
+def check_window(ws: Workspace, settings: MonitorSettings, chart: LineChart,
+                 since: datetime | None) -> list[dict[str, Any]]:
+    """The check a page or report that holds `window_chart(ws, settings, since)` makes: of that chart where it
+    is the whole log (it catches what came late, too), else one that goes on from the last."""
+    return check_alarms(ws, settings, chart=chart) if since is None else check_new_alarms(ws, settings)
+
+
+Checkpoint = tuple[datetime, dict[str, StreamStart]]  # each station's chart before the images from then on
+
+
+def _state_path(ws: Workspace, settings: MonitorSettings) -> Path:
+    # A file a design: the page started with --lam/--arl0 and the replicas (the default) keep their own.
+    return ws.alarms_dir / f"{CHART_STATE}-{settings.lam:g}-{settings.arl0:g}.json"
+
+
+def read_checkpoints(ws: Workspace, settings: MonitorSettings) -> list[Checkpoint]:
+    """The checks' checkpoints for this design, oldest first; none where there are none or the file is unreadable
+    (a check then reads the whole log)."""
     try:
-        state = json.loads((ws.alarms_dir / CHART_STATE).read_text())
+        state = json.loads(_state_path(ws, settings).read_text())
         if state["settings"] != [settings.lam, settings.arl0]:
-            return None, {}
-        return (datetime.fromisoformat(state["through"]),
-                {k: StreamStart(**v) for k, v in state["streams"].items()})
+            return []
+        return [(datetime.fromisoformat(t), {k: StreamStart(**v) for k, v in starts.items()})
+                for t, starts in state["checkpoints"]]
     except (OSError, ValueError, KeyError, TypeError):
-        return None, {}
+        return []
 
 
-def _write_state(ws: Workspace, settings: MonitorSettings, through: datetime,
-                 starts: dict[str, StreamStart]) -> None:
-    state = {"settings": [settings.lam, settings.arl0], "through": through.isoformat(),
-             "streams": {k: asdict(v) for k, v in sorted(starts.items())}}
-    ws.alarms_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(ws.alarms_dir / CHART_STATE, lambda f: f.write(json.dumps(state, indent=1).encode()))
+def _write_checkpoints(ws: Workspace, settings: MonitorSettings, checkpoints: list[Checkpoint]) -> None:
+    state = {"settings": [settings.lam, settings.arl0],
+             "checkpoints": [[t.isoformat(), {k: asdict(v) for k, v in sorted(starts.items())}]
+                             for t, starts in checkpoints]}
+    atomic_write(_state_path(ws, settings), lambda f: f.write(json.dumps(state).encode()))
 
 
 CHECKED = ".checked"  # in WS/alarms/: when the log was last checked, and what it held then
@@ -415,9 +447,15 @@ def describe_alarm(a: dict[str, Any]) -> str:
     return f"{a['ts']:%Y-%m-%d %H:%M:%S} UTC station {a['station']} round {a['round']}: {what}, image {a['image_id']}"
 
 
-def logged_image(ws: Workspace, image_id: str) -> bytes | None:
-    """The bytes the log kept for an image (None where it kept none: `serve --log-images`, `--log-sample`)."""
-    t = read_predictions(ws.predictions_dir, columns=["id", "image"])
+def has_log(ws: Workspace) -> bool:
+    """Whether anything was ever served into the log."""
+    return ws.predictions_dir.is_dir() and any(ws.predictions_dir.glob("*.parquet"))
+
+
+def logged_image(ws: Workspace, image_id: str, at: datetime | None = None) -> bytes | None:
+    """The bytes the log kept for an image (None where it kept none: `serve --log-images`, `--log-sample`).
+    `at`: when it was logged (an alarm's `ts`), so that only the log from then on is read."""
+    t = read_predictions(ws.predictions_dir, columns=["id", "image"], since=at)
     t = t.filter(pc.and_(pc.equal(t.column("id"), image_id), pc.is_valid(t.column("image"))))
     return t.column("image")[0].as_py() if t.num_rows else None
 

@@ -47,9 +47,9 @@ class View:
 def view(ws: Workspace, settings: monitor.MonitorSettings | None = None, *, stations: list[str] | None = None,
          since: datetime | None = None, until: datetime | None = None,
          chart: monitor.LineChart | None = None) -> View:
-    """`chart`: the log's chart for these settings where the caller has it (monitor.line_chart reads the log)."""
+    """`chart`: the log's chart for these settings from `since` on at least, where the caller has it."""
     settings = settings or monitor.MonitorSettings()
-    chart = chart or monitor.line_chart(ws, settings)
+    chart = chart or monitor.window_chart(ws, settings, since)
     chosen = {k: s.between(since, until) for k, s in chart.streams.items() if not stations or k in stations}
     alarms = [a for a in monitor.read_alarms(ws) if a["station"] in chosen
               and (since is None or a["ts"] >= since) and (until is None or a["ts"] <= until)]
@@ -149,9 +149,11 @@ def _iso(s: monitor.Stream, i: int) -> str | None:
 
 
 def write_report(ws: Workspace, out: Path, settings: monitor.MonitorSettings | None = None, **window) -> dict:
-    """Check for new alarms, then write score.png, ewma.png, rate.png and monitor.json into `out`."""
-    chart = monitor.line_chart(ws, settings)  # the log read once, for the check and the figures
-    new = monitor.check_alarms(ws, settings, chart=chart)
+    """Check for new alarms, then write score.png, ewma.png, rate.png and monitor.json into `out`. `window`:
+    view's stations, since and until."""
+    settings = settings or monitor.MonitorSettings()
+    chart = monitor.window_chart(ws, settings, window.get("since"))  # read once, for the check and the figures
+    new = monitor.check_window(ws, settings, chart, window.get("since"))
     v = view(ws, settings, chart=chart, **window)
     out.mkdir(parents=True, exist_ok=True)
     for name, draw in (("score", score_figure), ("ewma", ewma_figure), ("rate", rate_figure)):

@@ -8,8 +8,10 @@ measures the check, not accuracy). Its log is synthetic: one station at --rate i
 drawn from the model's calibration scores, written as compacted hour files (what `prediction_log.compact`
 leaves) for --hours of line time, the last hour still open. Each size is timed --repeats times, medians:
 - `whole_s`: `check_alarms(ws, now=end)`;
-- `incremental_s`: `check_new_alarms(ws, now=end)` once the state is there (a first call, `first_incremental_s`,
-  reads the whole log and folds it in; the timed calls read the rows since the folded hour).
+- `incremental_s`: `check_new_alarms(ws, now=end)`, after one such check an hour as the log was written (what the
+  replicas' checks leave: each station's chart at every ended hour); it reads the rows since the last folded hour;
+- `chart_whole_s` / `chart_24h_s`: the monitor page's chart of everything (`line_chart`) against its default
+  window, the last 24 hours (`window_chart`, from the checkpoint before it).
 That the checks which go on record the whole log's alarms is tests/test_monitor.py's to show, not this script's.
 And what reading the recorded alarms costs (every check, GET /health, `aae-ray status`) when --alarm-files
 checks have each written one alarm file, as a line that alarms every check leaves them, before and after the
@@ -44,24 +46,19 @@ from aae_ray.workspace import Workspace  # noqa: E402
 START = datetime(2026, 12, 1, 0, 0, tzinfo=UTC)
 
 
-def write_log(ws: Workspace, hours: int, rate: float, seed: int = 0) -> tuple[int, datetime]:
-    """`hours` hour files of in-control traffic; (rows, a time 30 minutes into the last, open, hour)."""
+def write_hour(ws: Workspace, h: int, n: int, rate: float, rng: np.random.Generator) -> None:
+    """Hour h's file of `n` in-control images, as compaction leaves it."""
     limit = artifacts.read_limit(ws.model_dir(0))
-    rng = np.random.default_rng(seed)
-    per_hour = int(rate * 3600)
+    hour = START + timedelta(hours=h)
+    ts = pa.array([hour + timedelta(seconds=i / rate) for i in range(n)], SCHEMA.field("ts").type)
+    score = rng.choice(limit.calibration, n) * rng.uniform(0.98, 1.02, n)
+    cols = {"ts": ts, "id": pa.array([f"{h:04d}{i:08d}" for i in range(n)]), "station": pa.array(["cam-1"] * n),
+            "round": pa.array(np.zeros(n, np.int32)), "model": pa.array(["rounds/r000/model"] * n),
+            "score": pa.array(score), "t2": pa.array(score), "p_value": pa.array(limit.p_value(score)),
+            "threshold": pa.array(np.full(n, limit.threshold)), "anomaly": pa.array(score > limit.threshold)}
+    table = pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in SCHEMA}, schema=SCHEMA)
     ws.predictions_dir.mkdir(parents=True, exist_ok=True)
-    for h in range(hours):
-        hour = START + timedelta(hours=h)
-        n = per_hour if h < hours - 1 else per_hour // 2  # the open hour, half way
-        ts = pa.array([hour + timedelta(seconds=i / rate) for i in range(n)], SCHEMA.field("ts").type)
-        score = rng.choice(limit.calibration, n) * rng.uniform(0.98, 1.02, n)
-        cols = {"ts": ts, "id": pa.array([f"{h:04d}{i:08d}" for i in range(n)]), "station": pa.array(["cam-1"] * n),
-                "round": pa.array(np.zeros(n, np.int32)), "model": pa.array(["rounds/r000/model"] * n),
-                "score": pa.array(score), "t2": pa.array(score), "p_value": pa.array(limit.p_value(score)),
-                "threshold": pa.array(np.full(n, limit.threshold)), "anomaly": pa.array(score > limit.threshold)}
-        table = pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in SCHEMA}, schema=SCHEMA)
-        pq.write_table(table, ws.predictions_dir / f"{HOUR_PREFIX}{hour:{HOUR_FORMAT}}.parquet")
-    return per_hour * (hours - 1) + per_hour // 2, START + timedelta(hours=hours - 1, minutes=30)
+    pq.write_table(table, ws.predictions_dir / f"{HOUR_PREFIX}{hour:{HOUR_FORMAT}}.parquet")
 
 
 def timed(fn) -> tuple[float, object]:
@@ -73,15 +70,24 @@ def timed(fn) -> tuple[float, object]:
 def measure(ws: Workspace, hours: int, rate: float, repeats: int) -> dict:
     shutil.rmtree(ws.predictions_dir, ignore_errors=True)
     shutil.rmtree(ws.alarms_dir, ignore_errors=True)
-    rows, end = write_log(ws, hours, rate)
-    first_s, _ = timed(lambda: monitor.check_new_alarms(ws, now=end))  # no state yet: the whole log, folded in
+    rng, per_hour = np.random.default_rng(0), int(rate * 3600)
+    for h in range(hours - 1):  # the line's ended hours, each checked (and folded in) as a replica would
+        write_hour(ws, h, per_hour, rate, rng)
+        monitor.check_new_alarms(ws, now=START + timedelta(hours=h + 1, minutes=6))
+    write_hour(ws, hours - 1, per_hour // 2, rate, rng)  # the open hour, half way
+    rows, end = per_hour * (hours - 1) + per_hour // 2, START + timedelta(hours=hours - 1, minutes=30)
     incremental = [timed(lambda: monitor.check_new_alarms(ws, now=end))[0] for _ in range(repeats)]
+    since = end - timedelta(hours=24)
+    window = [timed(lambda: monitor.window_chart(ws, since=since))[0] for _ in range(repeats)]
+    everything = [timed(lambda: monitor.line_chart(ws))[0] for _ in range(repeats)]
     shutil.rmtree(ws.alarms_dir)
     whole = [timed(lambda: monitor.check_alarms(ws, now=end))[0] for _ in range(repeats)]
     return {"hours": hours, "rows": rows, "whole_s": statistics.median(whole),
-            "incremental_s": statistics.median(incremental), "first_incremental_s": first_s,
+            "incremental_s": statistics.median(incremental),
             "ratio": statistics.median(whole) / statistics.median(incremental),
-            "alarms": len(monitor.read_alarms(ws)), "runs": {"whole": whole, "incremental": incremental}}
+            "chart_whole_s": statistics.median(everything), "chart_24h_s": statistics.median(window),
+            "alarms": len(monitor.read_alarms(ws)),
+            "runs": {"whole": whole, "incremental": incremental, "chart_whole": everything, "chart_24h": window}}
 
 
 def alarm_files(ws: Workspace, files: int, repeats: int) -> dict:
@@ -109,11 +115,12 @@ def markdown(doc: dict) -> str:
              f"Machine: {doc['machine']}  ", f"Code: {doc['commit']}, {doc['wall_s']:.0f} s. One station at "
              f"{doc['rate']:g} images/s (synthetic in-control scores, compacted hour files); medians of "
              f"{doc['repeats']}.", "",
-             "| line time | rows | alarms | whole log (`check_alarms`) | going on (`check_new_alarms`) | ratio |",
-             "|---|---|---|---|---|---|"]
+             "| line time | rows | alarms | check: whole log | check: going on | ratio | page chart: everything | "
+             "page chart: last 24 h |", "|---|---|---|---|---|---|---|---|"]
     for r in doc["sizes"]:
         lines.append(f"| {r['hours']} h | {r['rows']:,} | {r['alarms']} | {r['whole_s']:.3f} s | "
-                     f"{r['incremental_s']:.3f} s | {r['ratio']:.1f}x |")
+                     f"{r['incremental_s']:.3f} s | {r['ratio']:.1f}x | {r['chart_whole_s']:.3f} s | "
+                     f"{r['chart_24h_s']:.3f} s |")
     a = doc["alarm_files"]
     lines += ["", f"Reading the recorded alarms from {a['files']:,} alarm files of one alarm each: "
               f"**{a['read_unmerged_s']:.3f} s**; merged into {a['files_after']} file(s) ({a['merge_s']:.2f} s, "

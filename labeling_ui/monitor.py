@@ -5,7 +5,8 @@ and a button that sends an alarm's image to the labeling queue.
 
 Thin by design: the charts' numbers come from `aae_ray.monitor` (the prediction log as streams, EWMA, alarms),
 their figures from `aae_ray.monitor_report` (the same PNGs `aae-ray monitor --report` writes), the heat map from
-the answering round's detector. Every load checks the log for new alarms and records them in WS/alarms/.
+the answering round's detector. Every load checks the log for new alarms and records them in WS/alarms/; a window
+shorter than "everything" is read from the checkpoint before it (monitor.window_chart), not from the first row.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from labeling_ui.views import heat_overlay, script_arg, upscale
 
 WINDOWS = {"everything": None, "last hour": timedelta(hours=1), "last 24 hours": timedelta(days=1),
            "last 7 days": timedelta(days=7)}
+DEFAULT_WINDOW = "last 24 hours"  # "everything" reads the whole log: seconds once a line has run for days
 ALARMS_SHOWN = 10
 THUMB_PX = 128
 
@@ -43,18 +45,21 @@ def main() -> None:
     st.title("Line monitor")
     started = monitor.MonitorSettings(lam=float(script_arg(sys.argv[1:], "lam", "0.1")),
                                       arl0=float(script_arg(sys.argv[1:], "arl0", "500")))
-    chart = monitor.line_chart(ws, started)  # the whole log, read once a rerun
-    new = monitor.check_alarms(ws, started, chart=chart)  # recorded with the design the page was started with
     settings = design_sidebar(started)
-    if settings != started:  # the sidebar's what-if design: the same log, charted again
-        chart = monitor.line_chart(ws, settings)
-    if not chart.streams:
+    window = st.sidebar.selectbox("Time", list(WINDOWS), index=list(WINDOWS).index(DEFAULT_WINDOW))
+    since = datetime.now(UTC) - WINDOWS[window] if WINDOWS[window] else None
+    chart = monitor.window_chart(ws, settings, since)  # from the window's checkpoint: the log before it unread
+    # Alarms are recorded with the design the page was started with, not the sidebar's what-if one.
+    new = monitor.check_window(ws, started, chart, since) if settings == started else monitor.check_new_alarms(
+        ws, started)
+    if not chart.streams and not monitor.has_log(ws):
         st.info(f"Nothing served yet: `aae-ray serve {ws.root}` logs every answer to {ws.predictions_dir}.")
         return
     stations = st.sidebar.multiselect("Stations", list(chart.streams), default=list(chart.streams))
-    window = st.sidebar.selectbox("Time", list(WINDOWS))
-    since = datetime.now(UTC) - WINDOWS[window] if WINDOWS[window] else None
     v = monitor_report.view(ws, settings, stations=stations, since=since, chart=chart)
+    if not v.n:
+        st.info(f"No image served in the {window}: choose a longer time in the sidebar.")
+        return
     if new:
         st.warning(f"{len(new)} new alarm(s): " + "; ".join(monitor.describe_alarm(a) for a in new[:3]))
     headline(v)
@@ -101,7 +106,7 @@ def alarms_panel(ws: Workspace, v: monitor_report.View) -> None:
 
 
 def alarm_image(ws: Workspace, a: dict) -> None:
-    data = monitor.logged_image(ws, a["image_id"])
+    data = monitor.logged_image(ws, a["image_id"], at=a["ts"])
     if data is None:
         st.caption("The log kept no bytes for this image (`aae-ray serve --log-images all` or `--log-sample` "
                    "keeps them for images that are not flagged).")

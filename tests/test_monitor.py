@@ -282,6 +282,16 @@ def test_checks_that_go_on_from_the_last_raise_the_whole_logs_alarms(scored_copy
     for a in monitor.read_alarms(ws):
         w = next(b for b in whole if b["id"] == a["id"])
         assert a["statistic"] == pytest.approx(w["statistic"], rel=1e-9)
+    # The page's windows start from those checkpoints, with the EWMA the whole log gives their images.
+    for since in (T0 + timedelta(minutes=m) for m in (65, 120, 150, 200)):
+        part = monitor.window_chart(ws, settings, since)
+        assert sum(len(s) for s in part.streams.values()) < chart.n, "the log before the window is not read"
+        for station, s in chart.streams.items():
+            want, got = s.between(since, None), part.streams[station].between(since, None)
+            assert got.ids == want.ids and len(got) > 0
+            np.testing.assert_allclose(got.ewma, want.ewma, rtol=1e-9, atol=1e-12)
+        first = max(t for t, _ in monitor.read_checkpoints(ws, settings) if t <= since)  # where it starts
+        assert part.promotions == [p for p in chart.promotions if p[0] >= first]  # none made up at its start
 
 
 def test_a_check_that_goes_on_reads_only_the_recent_hours(scored_copy_path, monkeypatch):
@@ -302,7 +312,7 @@ def test_a_check_that_goes_on_reads_only_the_recent_hours(scored_copy_path, monk
         monitor.check_alarms(ws)
     with pytest.raises(ValueError, match="unreadable prediction log file"):  # other settings: the whole log
         monitor.check_new_alarms(ws, monitor.MonitorSettings(lam=0.2), now=T0 + timedelta(hours=3, minutes=10))
-    (ws.alarms_dir / monitor.CHART_STATE).write_text("{broken")
+    monitor._state_path(ws, monitor.MonitorSettings()).write_text("{broken")
     with pytest.raises(ValueError, match="unreadable prediction log file"):  # no state: the whole log
         monitor.check_new_alarms(ws, now=T0 + timedelta(hours=3, minutes=15))
 

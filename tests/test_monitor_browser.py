@@ -56,3 +56,22 @@ def test_the_page_shows_a_planted_shift_and_sends_its_image_to_labeling(scored_c
     assert rows[0]["id"] == alarm["image_id"]
     pool = ws.images().to_pylist()
     assert [r["source"] for r in pool if r["id"] == alarm["image_id"]] == ["line:cam-7"]
+
+
+def test_the_page_opens_on_the_last_day_and_names_a_quiet_line(scored_copy_path, tmp_path, playwright):
+    ws = Workspace.open(scored_copy_path)
+    log_stream(ws, shifted(50, 0, 0.0), station="cam-3", start=datetime.now(UTC) - timedelta(days=3))
+    with page_server(scored_copy_path, tmp_path / "monitor.log", True, "monitor") as url:
+        ctx = browser(playwright)
+        try:
+            page = ctx.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            expect, wait = sync_api.expect, {"timeout": TIMEOUT_MS}
+            expect(page.get_by_text("No image served in the last 24 hours")).to_be_visible(**wait)
+            page.locator('[data-testid="stSelectbox"]', has_text="Time").click()
+            page.get_by_role("option", name="last 7 days").click()
+            metric = page.locator('[data-testid="stMetric"]', has_text="Served images")
+            expect(metric).to_contain_text("50", **wait)
+        finally:
+            ctx.close()
