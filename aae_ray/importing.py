@@ -100,7 +100,8 @@ def line(root: Path, *, since: datetime | None = None, which: str = "flagged", s
     if sample is not None and not 0.0 < sample <= 1.0:
         raise ValueError(f"--sample must be in (0, 1], got {sample}")
     ws = Workspace.open(root)
-    table = read_predictions(ws.predictions_dir, columns=["ts", "id", "station", "anomaly", "image"])
+    # `since` reads only the files from its hour on: a long-running line's log is mostly older
+    table = read_predictions(ws.predictions_dir, columns=["ts", "id", "station", "anomaly", "image"], since=since)
     keep = pc.is_valid(table.column("image"))
     chosen = None if ids is None else sorted({ids} if isinstance(ids, str) else set(ids))
     if chosen is not None:
@@ -108,8 +109,6 @@ def line(root: Path, *, since: datetime | None = None, which: str = "flagged", s
         keep = pc.and_(keep, pc.is_in(table.column("id"), pa.array(chosen, pa.string())))
     elif which == "flagged":
         keep = pc.and_(keep, table.column("anomaly"))
-    if since is not None:
-        keep = pc.and_(keep, pc.greater_equal(table.column("ts"), pa.scalar(since, pa.timestamp("us", tz="UTC"))))
     rows = table.filter(keep).to_pylist()
     rows = list({r["id"]: r for r in rows}.values())  # one a content id: the line sends a part more than once
     if sample is not None:

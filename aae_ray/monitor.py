@@ -460,14 +460,14 @@ def logged_image(ws: Workspace, image_id: str, at: datetime | None = None) -> by
     return t.column("image")[0].as_py() if t.num_rows else None
 
 
-def send_to_labeling(ws: Workspace, image_id: str) -> str:
+def send_to_labeling(ws: Workspace, image_id: str, at: datetime | None = None) -> str:
     """A logged line image into the pool (aae_ray.importing.line) and at the top of the latest labeling queue
     (aae_ray.rounds.enqueue), so the labeling page shows it next; what was done, in words. ValueError where the
-    log kept no bytes for it or there is no queue yet."""
+    log kept no bytes for it or there is no queue yet. `at`: when it was logged (the log from then on is read)."""
     from aae_ray.importing import line
     from aae_ray.rounds import enqueue
 
-    imported = line(ws.root, ids=[image_id], echo=lambda *_: None)
+    imported = line(ws.root, ids=[image_id], since=at, echo=lambda *_: None)
     if image_id not in ws.pool_ids():
         why = imported.skipped[0]["reason"] if imported.skipped else "the prediction log kept no bytes for it"
         raise ValueError(f"image {image_id} cannot join the pool: {why}")

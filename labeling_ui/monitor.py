@@ -123,7 +123,7 @@ def alarm_image(ws: Workspace, a: dict) -> None:
         cols[1].caption(f"No heat map: round {a['round']}'s model is no longer in the workspace.")
     if cols[2].button("Send to labeling", key=f"send-{a['id']}"):
         try:
-            cols[2].success(monitor.send_to_labeling(ws, a["image_id"]))
+            cols[2].success(monitor.send_to_labeling(ws, a["image_id"], at=a["ts"]))
         except ValueError as exc:
             cols[2].error(str(exc))
 
