@@ -56,21 +56,76 @@ def view(ws: Workspace, settings: monitor.MonitorSettings | None = None, *, stat
     return View(chart, chosen, alarms, settings.band_level)
 
 
-def _times(s: monitor.Stream) -> np.ndarray:
-    return s.ts.astype("datetime64[ms]").astype(datetime)
+MAX_POINTS = 4000  # drawn a stream and figure (read at each call): a day of a 10 images/s line is 864,000
+
+
+def _times(s: monitor.Stream, idx: np.ndarray | None = None) -> np.ndarray:
+    ts = s.ts if idx is None else s.ts[idx]
+    return ts.astype("datetime64[ms]").astype(datetime)
+
+
+def shown(anomaly: np.ndarray, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(the images over the limit, the others) a score figure draws, as indices: all where they fit in `n`; else
+    every image over the limit where they are a quarter of `n` or fewer (each is one a person looks for) and
+    evenly spaced others to fill, or, with more over the limit, `n` evenly spaced images of either kind."""
+    n = n or MAX_POINTS
+    over, other = np.flatnonzero(anomaly), np.flatnonzero(~anomaly)
+    if len(over) + len(other) <= n:
+        return over, other
+    if len(over) <= n // 4:
+        return over, _spaced(other, n - len(over))
+    every = _spaced(np.arange(len(anomaly)), n)
+    return every[anomaly[every]], every[~anomaly[every]]
+
+
+def _spaced(idx: np.ndarray, n: int) -> np.ndarray:
+    return idx if len(idx) <= n else idx[np.linspace(0, len(idx) - 1, n).round().astype(int)]
+
+
+def envelope(y: np.ndarray, n: int | None = None) -> np.ndarray:
+    """The indices of a line's points a figure draws: all where they fit in `n`, else the lowest and the highest
+    of each of n/2 stretches, in order, so the drawn line still reaches every excursion."""
+    n = n or MAX_POINTS
+    if len(y) <= n:
+        return np.arange(len(y))
+    edges = np.linspace(0, len(y), n // 2 + 1).astype(int)
+    lo = np.minimum.reduceat(y, edges[:-1])
+    hi = np.maximum.reduceat(y, edges[:-1])
+    out = []
+    for a, b, low, high in zip(edges[:-1], edges[1:], lo, hi, strict=True):
+        stretch = y[a:b]
+        out += [a + int(np.argmax(stretch == low)), a + int(np.argmax(stretch == high))]
+    return np.unique(out)
+
+
+def _steps(y: np.ndarray) -> np.ndarray:
+    """The indices where a step line (a model's limit or centre) changes, and its last: all a step draw needs."""
+    if not len(y):
+        return np.arange(0)
+    return np.unique(np.r_[0, np.flatnonzero(y[1:] != y[:-1]) + 1, len(y) - 1])
 
 
 def score_figure(v: View) -> Figure:
     fig = Figure(figsize=(10, 3.2), layout="constrained")
     ax = fig.subplots()
+    notes = []
     for name, s in v.streams.items():
-        t = _times(s)
-        ax.scatter(t[~s.anomaly], s.score[~s.anomaly], s=6, label=name)
-        ax.scatter(t[s.anomaly], s.score[s.anomaly], s=28, marker="x", color="crimson")
-        ax.step(t, s.threshold, where="post", color="black", lw=1)
-        ax.step(t, s.centre, where="post", color="gray", lw=1, ls="--")
+        over, other = shown(s.anomaly)
+        if len(over) + len(other) < len(s):  # say how it was thinned: the eye reads the share of x's
+            n_over = int(s.anomaly.sum())
+            notes.append(f"{name}: " + (f"all {n_over:,} over the limit and {len(other):,} of {len(s) - n_over:,} "
+                                       f"others" if len(over) == n_over else f"{len(over) + len(other):,} of "
+                                       f"{len(s):,}") + " drawn, evenly spaced")
+        ax.scatter(_times(s, other), s.score[other], s=6, label=name)
+        ax.scatter(_times(s, over), s.score[over], s=28, marker="x", color="crimson")
+        for line, style in ((s.threshold, {"color": "black"}), (s.centre, {"color": "gray", "ls": "--"})):
+            at = _steps(line)
+            ax.step(_times(s, at), line[at], where="post", lw=1, **style)
     _promotions(ax, v)
     ax.set(title="Primary score of served images (x: over the limit)", ylabel="score")
+    if notes:
+        ax.annotate("; ".join(notes), (0.0, -0.2), xycoords="axes fraction", fontsize=7, color="dimgray",
+                    va="top")
     _legend(ax, v)
     return fig
 
@@ -80,10 +135,12 @@ def ewma_figure(v: View) -> Figure:
     ax = fig.subplots()
     limit = v.chart.design.limit
     for name, s in v.streams.items():
-        ax.plot(_times(s), s.ewma, lw=1, label=name)
-    for a in v.alarms:
-        if a["kind"] == "drift":
-            ax.scatter([a["ts"]], [a["statistic"]], color="red", s=40, zorder=3)
+        at = envelope(s.ewma)  # a long window: each stretch's lowest and highest, so no excursion is lost
+        ax.plot(_times(s, at), s.ewma[at], lw=1, label=name)
+    drift = [a for a in v.alarms if a["kind"] == "drift"]
+    if drift:  # one scatter: a busy line's day holds over a thousand alarms, and a call each costs seconds
+        ax.scatter([a["ts"].replace(tzinfo=None) for a in drift], [a["statistic"] for a in drift], color="red",
+                   s=40, zorder=3)
     for y in (limit, -limit):
         ax.axhline(y, color="black", lw=1)
     ax.axhline(0, color="gray", lw=1, ls="--")
@@ -119,8 +176,9 @@ def hourly(v: View) -> list[dict[str, Any]]:
 
 def _promotions(ax, v: View) -> None:
     for ts, station, rnd in v.chart.promotions:
-        if station in v.streams and len(v.streams[station]) and _times(v.streams[station])[0] <= ts.replace(
-                tzinfo=None) <= _times(v.streams[station])[-1]:
+        s = v.streams.get(station)
+        if s is not None and len(s) and _times(s, np.array([0]))[0] <= ts.replace(tzinfo=None) <= _times(
+                s, np.array([-1]))[0]:
             ax.axvline(ts.replace(tzinfo=None), color="green", lw=1, alpha=0.6)
             ax.annotate(f"r{rnd}", (ts.replace(tzinfo=None), 1), xycoords=("data", "axes fraction"), fontsize=7,
                         color="green", va="top")

@@ -11,7 +11,9 @@ leaves) for --hours of line time, the last hour still open. Each size is timed -
 - `incremental_s`: `check_new_alarms(ws, now=end)`, after one such check an hour as the log was written (what the
   replicas' checks leave: each station's chart at every ended hour); it reads the rows since the last folded hour;
 - `chart_whole_s` / `chart_24h_s`: the monitor page's chart of everything (`line_chart`) against its default
-  window, the last 24 hours (`window_chart`, from the checkpoint before it).
+  window, the last 24 hours (`window_chart`, from the checkpoint before it);
+- `figures_24h_s` / `figures_24h_every_point_s`: the page's three figures of that window drawn and saved as PNG,
+  thinned to `monitor_report.MAX_POINTS` a station (what the page draws) and with every point (the baseline).
 That the checks which go on record the whole log's alarms is tests/test_monitor.py's to show, not this script's.
 And what reading the recorded alarms costs (every check, GET /health, `aae-ray status`) when --alarm-files
 checks have each written one alarm file, as a line that alarms every check leaves them, before and after the
@@ -22,6 +24,7 @@ merge a writer now does beyond `monitor.ALARM_FILES_KEPT` files.
 """
 
 import argparse
+import io
 import json
 import shutil
 import statistics
@@ -39,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fmnist import COMMIT, machine  # noqa: E402  (bench scripts share helpers, not a package)
 from serve_load import make_workspace  # noqa: E402
 
-from aae_ray import artifacts, monitor  # noqa: E402
+from aae_ray import artifacts, monitor, monitor_report  # noqa: E402
 from aae_ray.prediction_log import HOUR_FORMAT, HOUR_PREFIX, SCHEMA  # noqa: E402
 from aae_ray.workspace import Workspace  # noqa: E402
 
@@ -61,6 +64,11 @@ def write_hour(ws: Workspace, h: int, n: int, rate: float, rng: np.random.Genera
     pq.write_table(table, ws.predictions_dir / f"{HOUR_PREFIX}{hour:{HOUR_FORMAT}}.parquet")
 
 
+def draw_all(v: monitor_report.View) -> None:
+    for draw in (monitor_report.score_figure, monitor_report.ewma_figure, monitor_report.rate_figure):
+        draw(v).savefig(io.BytesIO(), format="png", dpi=110)
+
+
 def timed(fn) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
@@ -80,14 +88,23 @@ def measure(ws: Workspace, hours: int, rate: float, repeats: int) -> dict:
     since = end - timedelta(hours=24)
     window = [timed(lambda: monitor.window_chart(ws, since=since))[0] for _ in range(repeats)]
     everything = [timed(lambda: monitor.line_chart(ws))[0] for _ in range(repeats)]
+    v = monitor_report.view(ws, since=since, chart=monitor.window_chart(ws, since=since))
+    thinned = [timed(lambda: draw_all(v))[0] for _ in range(repeats)]
+    kept, monitor_report.MAX_POINTS = monitor_report.MAX_POINTS, 10**9
+    try:
+        every_point = [timed(lambda: draw_all(v))[0] for _ in range(repeats)]
+    finally:
+        monitor_report.MAX_POINTS = kept
     shutil.rmtree(ws.alarms_dir)
     whole = [timed(lambda: monitor.check_alarms(ws, now=end))[0] for _ in range(repeats)]
     return {"hours": hours, "rows": rows, "whole_s": statistics.median(whole),
             "incremental_s": statistics.median(incremental),
             "ratio": statistics.median(whole) / statistics.median(incremental),
             "chart_whole_s": statistics.median(everything), "chart_24h_s": statistics.median(window),
+            "figures_24h_s": statistics.median(thinned), "figures_24h_every_point_s": statistics.median(every_point),
             "alarms": len(monitor.read_alarms(ws)),
-            "runs": {"whole": whole, "incremental": incremental, "chart_whole": everything, "chart_24h": window}}
+            "runs": {"whole": whole, "incremental": incremental, "chart_whole": everything, "chart_24h": window,
+                     "figures_24h": thinned, "figures_24h_every_point": every_point}}
 
 
 def alarm_files(ws: Workspace, files: int, repeats: int) -> dict:
@@ -116,11 +133,12 @@ def markdown(doc: dict) -> str:
              f"{doc['rate']:g} images/s (synthetic in-control scores, compacted hour files); medians of "
              f"{doc['repeats']}.", "",
              "| line time | rows | alarms | check: whole log | check: going on | ratio | page chart: everything | "
-             "page chart: last 24 h |", "|---|---|---|---|---|---|---|---|"]
+             "page chart: last 24 h | its figures: every point | thinned |", "|---" * 10 + "|"]
     for r in doc["sizes"]:
         lines.append(f"| {r['hours']} h | {r['rows']:,} | {r['alarms']} | {r['whole_s']:.3f} s | "
                      f"{r['incremental_s']:.3f} s | {r['ratio']:.1f}x | {r['chart_whole_s']:.3f} s | "
-                     f"{r['chart_24h_s']:.3f} s |")
+                     f"{r['chart_24h_s']:.3f} s | {r['figures_24h_every_point_s']:.2f} s | "
+                     f"{r['figures_24h_s']:.2f} s |")
     a = doc["alarm_files"]
     lines += ["", f"Reading the recorded alarms from {a['files']:,} alarm files of one alarm each: "
               f"**{a['read_unmerged_s']:.3f} s**; merged into {a['files_after']} file(s) ({a['merge_s']:.2f} s, "

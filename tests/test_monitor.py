@@ -194,6 +194,28 @@ def test_the_report_writes_the_charts_and_their_numbers(scored_copy_path, tmp_pa
     assert window["images"] == 80 and window["alarms"] == [] and window["new_alarms"] == 0
 
 
+def test_a_long_window_is_drawn_thinned_without_losing_an_excursion_or_a_flagged_image():
+    from aae_ray import monitor_report as mr
+
+    rng = np.random.default_rng(0)
+    y = np.cumsum(rng.standard_normal(200_000)) * 0.01
+    y[123_457] = 50.0  # one image's spike, far above everything
+    at = mr.envelope(y, 1000)
+    assert len(at) <= 1000 and np.all(np.diff(at) > 0)
+    assert 123_457 in at and y[at].max() == y.max() and y[at].min() == y.min()
+    assert list(mr.envelope(y[:500], 1000)) == list(range(500))  # short: every point
+    anomaly = np.zeros(200_000, bool)
+    anomaly[rng.choice(200_000, 300, replace=False)] = True
+    over, other = mr.shown(anomaly, 4000)  # few over the limit: every one of them
+    assert set(over) == set(np.flatnonzero(anomaly)) and len(over) + len(other) <= 4000
+    assert not anomaly[other].any() and other[0] == 0 and other[-1] == 199_999
+    anomaly[::20] = True  # many: evenly spaced, each kind in its share
+    over, other = mr.shown(anomaly, 4000)
+    assert len(over) + len(other) == 4000 and abs(len(over) / 4000 - anomaly.mean()) < 0.01
+    line = np.r_[np.full(1000, 2.0), np.full(1000, 3.0)]
+    assert list(mr._steps(line)) == [0, 1000, 1999]
+
+
 def test_the_monitor_command_writes_a_report(scored_copy_path, tmp_path, capsys):
     from conftest import run_cli
 
