@@ -11,10 +11,11 @@ Alarms are events, one per excursion of the EWMA outside its limits ("drift", up
 hour whose count of images over the limit is above the binomial band of alpha ("rate"). `check_alarms` computes
 them from the whole log and appends the new ones to WS/alarms/ (Parquet fragments, atomic); an alarm's id is a
 hash of what raised it, so two checkers (a replica and the monitor page) may both write one and a reader still
-sees it once. Run on each monitor page load and on `aae-ray monitor --report`. Serving replicas, every
-`alarm_check_s`, run `check_new_alarms` instead: the same alarms from the rows since the last check's hour,
-going on from each station's chart there (WS/alarms/.chart_state-*.json), so its cost does not grow with the
-log; those hourly checkpoints also let the page chart a window without reading the log before it.
+sees it once. It runs where the whole log is charted anyway: the monitor page over "everything" and
+`aae-ray monitor --report` without --since. Serving replicas (every `alarm_check_s`) and the page's shorter
+windows run `check_new_alarms` instead: the same alarms from the rows since the last check's hour, going on
+from each station's chart there (WS/alarms/.chart_state-*.json), so its cost does not grow with the log; those
+hourly checkpoints also let the page chart a window without reading the log before it (`window_chart`).
 """
 
 from __future__ import annotations

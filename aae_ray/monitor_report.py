@@ -177,8 +177,7 @@ def hourly(v: View) -> list[dict[str, Any]]:
 def _promotions(ax, v: View) -> None:
     for ts, station, rnd in v.chart.promotions:
         s = v.streams.get(station)
-        if s is not None and len(s) and _times(s, np.array([0]))[0] <= ts.replace(tzinfo=None) <= _times(
-                s, np.array([-1]))[0]:
+        if s is not None and len(s) and s.ts[0] <= np.datetime64(ts.replace(tzinfo=None), "us") <= s.ts[-1]:
             ax.axvline(ts.replace(tzinfo=None), color="green", lw=1, alpha=0.6)
             ax.annotate(f"r{rnd}", (ts.replace(tzinfo=None), 1), xycoords=("data", "axes fraction"), fontsize=7,
                         color="green", va="top")

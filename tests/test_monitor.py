@@ -128,6 +128,10 @@ def test_in_control_normal_scores_are_standard_and_the_ewma_restarts_at_a_promot
     assert np.allclose(s.centre, np.median(artifacts.read_limit(ws.model_dir(0)).calibration))
     chart = monitor.line_chart(ws)
     assert [(p[1], p[2]) for p in chart.promotions] == [("cam-1", 0), ("cam-1", 1)]
+    from aae_ray import monitor_report
+
+    drawn = monitor_report.ewma_figure(monitor_report.view(ws, chart=chart)).axes[0].texts
+    assert [t.get_text() for t in drawn] == ["r0", "r1"]  # each promotion marked on the chart
     window = s.between(T0 + timedelta(seconds=100), T0 + timedelta(seconds=149))
     assert len(window) == 50 and window.ewma[0] == s.ewma[100]
 
